@@ -1,0 +1,92 @@
+"""Checkpoints and result files: written atomically, read without unpickling code.
+
+A checkpoint is a dict of tensors and plain containers (torchvision references' layout:
+model, optimizer, lr_scheduler, epoch, plus the resolved config), so a checkpoint alone can
+rebuild its model and is always loaded with `torch.load(weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import pickle
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+FORMAT = "resnet-cli/1"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, unreadable or not ours; the message names the file."""
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Temp file in the same folder, flush + fsync, rename: a crash leaves the old file intact."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    with contextlib.suppress(OSError):  # make the rename itself durable
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+
+
+def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
+    buf = io.BytesIO()
+    torch.save({"format": FORMAT, **state}, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path}: no such file")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, RuntimeError, ValueError, OSError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "weights_only" in str(e) or "Unsupported global" in str(e):
+            first = "it holds pickled objects other than tensors and plain data (refused for safety)"
+        raise CheckpointError(f"checkpoint {path}: cannot be read ({first[:160]})") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"checkpoint {path}: not a resnet-cli checkpoint (no '{FORMAT}' format tag)")
+    for key in ("model", "config", "epoch"):
+        if key not in state:
+            raise CheckpointError(f"checkpoint {path}: incomplete (no '{key}')")
+    return state
+
+
+def resolve_resume(target: str | os.PathLike) -> tuple[Path, Path]:
+    """(run dir, checkpoint file) for `resume=` given a run dir or a checkpoint file."""
+    p = Path(target).expanduser().resolve()
+    if p.is_dir():
+        ckpt = p / "checkpoints" / "last.pt"
+        if not ckpt.is_file():
+            raise CheckpointError(f"resume={target}: {ckpt} not found (is this a resnet-train run folder?)")
+        return p, ckpt
+    if not p.exists():
+        raise CheckpointError(f"resume={target}: no such file or folder")
+    run_dir = p.parent.parent if p.parent.name == "checkpoints" else p.parent
+    return run_dir, p

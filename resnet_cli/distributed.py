@@ -1,0 +1,63 @@
+"""torch.distributed glue for torchrun: who am I, and the one run dir all ranks share."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import datetime
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+
+def from_env() -> DistInfo:
+    """torchrun's variables; a plain process is rank 0 of 1."""
+    return DistInfo(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+                    int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def init(info: DistInfo) -> None:
+    """Process group from torchrun's environment: Gloo for CPU tensors, NCCL for CUDA ones."""
+    if not info.enabled or dist.is_initialized():
+        return
+    backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+    if torch.cuda.is_available():
+        torch.cuda.set_device(info.local_rank)
+    dist.init_process_group(backend=backend)
+
+
+def shared_run_dir(info: DistInfo, pattern: str = "outputs/%Y-%m-%d/%H-%M-%S") -> str:
+    """Rank 0's timestamped folder, broadcast: Hydra would otherwise give each rank its own
+    (they start at slightly different times)."""
+    value = [os.path.abspath(datetime.now().strftime(pattern)) if info.is_main else None]
+    dist.broadcast_object_list(value, src=0)
+    return value[0]
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank when one rank says so (used to stop all ranks at the same step)."""
+    if not dist.is_initialized():
+        return flag
+    t = torch.tensor([1 if flag else 0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())

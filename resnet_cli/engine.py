@@ -1,0 +1,256 @@
+"""One epoch of training, one pass of evaluation, and the device/precision policy."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .config import ConfigError
+
+
+class NonFiniteLoss(RuntimeError):
+    def __init__(self, epoch: int, step: int, value: float):
+        super().__init__(
+            f"loss became {value} at epoch {epoch}, step {step}; the last good checkpoint is kept. "
+            "Try a lower lr, trainer.precision=fp32, trainer.grad_clip=1.0, "
+            "or trainer.skip_nonfinite=true to skip such steps")
+        self.epoch, self.step = epoch, step
+
+
+# ---------------------------------------------------------------- device and precision
+
+def resolve_device(spec: str, local_rank: int | None = None) -> torch.device:
+    if spec == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", local_rank or 0)
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise ConfigError(f"trainer.device={spec}: not a device; use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"trainer.device={spec}: CUDA is not available on this machine; use auto or cpu")
+        if device.index is None:
+            device = torch.device("cuda", local_rank or 0)
+        elif device.index >= torch.cuda.device_count():
+            raise ConfigError(f"trainer.device={spec}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ConfigError(f"trainer.device={spec}: MPS is not available on this machine; use auto or cpu")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"trainer.device={spec}: choose from auto, cpu, cuda, cuda:N, mps")
+    return device
+
+
+def cpu_has_native_bf16() -> bool:
+    """AVX512-BF16 or AMX: the CPUs where bf16 autocast is faster, not slower, than fp32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+def resolve_precision(spec: str, device: torch.device) -> str:
+    if spec != "auto":
+        if spec == "fp16" and device.type == "cpu":
+            raise ConfigError("trainer.precision=fp16: not supported on CPU; use bf16 or fp32")
+        if spec == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise ConfigError("trainer.precision=bf16: this GPU has no bf16 support; use fp16 or fp32")
+        return spec
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if device.type == "cpu":
+        return "bf16" if cpu_has_native_bf16() else "fp32"
+    return "fp32"
+
+
+def autocast(device: torch.device, precision: str):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+# ---------------------------------------------------------------- the loops
+
+@dataclass
+class StepContext:
+    """What train_one_epoch needs besides the model and the batches."""
+
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None
+    loss_fn: nn.Module
+    device: torch.device
+    precision: str
+    scaler: torch.amp.GradScaler | None = None
+    grad_clip: float | None = None
+    skip_nonfinite: bool = False
+    channels_last: bool = True
+    report_every: int = 1  # steps between on_step calls (each one syncs a GPU)
+
+
+@dataclass
+class Running:
+    """Sums over an epoch so far (kept in checkpoints for a mid-epoch resume)."""
+
+    loss_sum: float = 0.0
+    correct: int = 0
+    seen: int = 0
+    counted: int = 0  # images of the steps that were not skipped
+    skipped: int = 0
+    steps: int = 0
+    train_seconds: float = 0.0
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def _reduce(values: list[float], device: torch.device) -> list[float]:
+    if not (dist.is_available() and dist.is_initialized()):
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def train_one_epoch(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], ctx: StepContext,
+                    epoch: int, running: Running | None = None,
+                    on_step: Callable[[Running], None] | None = None,
+                    should_stop: Callable[[], bool] = lambda: False) -> Running:
+    """Train over `batches`; returns the running sums (local to this rank).
+
+    `on_step` runs after each step (progress, mid-epoch checkpoints); `should_stop` is asked
+    between steps, so an interrupt leaves the model at a step boundary."""
+    model.train()
+    run = running or Running()
+    sync_every_step = ctx.device.type != "cuda" or ctx.skip_nonfinite
+    loss_sum = torch.zeros((), dtype=torch.float64, device=ctx.device)
+    correct = torch.zeros((), dtype=torch.int64, device=ctx.device)
+    pending = []  # CUDA: losses checked in groups, so the GPU is not stalled every step
+    t0 = time.perf_counter()
+    it: Iterator = iter(batches)
+    while not should_stop():
+        try:
+            x, y = next(it)
+        except StopIteration:
+            break
+        if ctx.channels_last and x.ndim == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(ctx.device, ctx.precision):
+            logits = model(x)
+            loss = ctx.loss_fn(logits, y)
+        finite = True
+        if sync_every_step:
+            value = loss.item()
+            finite = value == value and abs(value) != float("inf")
+            if not finite:
+                if not ctx.skip_nonfinite:
+                    raise NonFiniteLoss(epoch, run.steps, value)
+                run.skipped += 1
+        if finite:
+            ctx.optimizer.zero_grad(set_to_none=True)
+            if ctx.scaler is not None:
+                ctx.scaler.scale(loss).backward()
+                if ctx.grad_clip:
+                    ctx.scaler.unscale_(ctx.optimizer)
+                    nn.utils.clip_grad_norm_(model.parameters(), ctx.grad_clip)
+                ctx.scaler.step(ctx.optimizer)
+                ctx.scaler.update()
+            else:
+                loss.backward()
+                if ctx.grad_clip:
+                    nn.utils.clip_grad_norm_(model.parameters(), ctx.grad_clip)
+                ctx.optimizer.step()
+            loss_sum += loss.detach().double() * y.shape[0]
+            correct += (logits.argmax(1) == y).sum()
+            run.counted += y.shape[0]
+        if ctx.scheduler is not None:
+            ctx.scheduler.step()
+        run.steps += 1
+        run.seen += y.shape[0]
+        if not sync_every_step:
+            pending.append((run.steps - 1, loss.detach()))
+            if len(pending) >= 20:
+                _check_pending(pending, epoch)
+        if on_step is not None and run.steps % ctx.report_every == 0:
+            _fold(run, loss_sum, correct)
+            loss_sum.zero_(), correct.zero_()
+            run.train_seconds += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            if on_step is not None:
+                on_step(run)
+    _check_pending(pending, epoch)
+    _fold(run, loss_sum, correct)
+    run.train_seconds += time.perf_counter() - t0
+    return run
+
+
+def _fold(run: Running, loss_sum: torch.Tensor, correct: torch.Tensor) -> None:
+    run.loss_sum += float(loss_sum)
+    run.correct += int(correct)
+
+
+def _check_pending(pending: list, epoch: int) -> None:
+    if not pending:
+        return
+    values = torch.stack([v for _, v in pending]).float().cpu()
+    bad = (~torch.isfinite(values)).nonzero()
+    if len(bad):
+        i = int(bad[0])
+        raise NonFiniteLoss(epoch, pending[i][0], float(values[i]))
+    pending.clear()
+
+
+def global_epoch_stats(run: Running, device: torch.device) -> dict:
+    loss_sum, correct, seen, counted, skipped = _reduce(
+        [run.loss_sum, run.correct, run.seen, run.counted, run.skipped], device)
+    return {"train_loss": loss_sum / max(counted, 1), "train_acc": correct / max(counted, 1),
+            "skipped_steps": int(skipped), "train_images": int(seen)}
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], device: torch.device,
+             precision: str, channels_last: bool = True, loss_fn: nn.Module | None = None,
+             topk: tuple[int, ...] = (1,), collect: bool = False) -> dict:
+    """Loss and top-k accuracy over all batches (summed over ranks). With collect=True also
+    returns this rank's predictions and targets (for confusion matrices)."""
+    model.eval()
+    loss_fn = loss_fn or nn.CrossEntropyLoss()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    hits = torch.zeros(len(topk), dtype=torch.int64, device=device)
+    seen = 0
+    preds, targets = [], []
+    for x, y in batches:
+        if channels_last and x.ndim == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(device, precision):
+            logits = model(x)
+        logits = logits.float()
+        loss_sum += loss_fn(logits, y).double() * y.shape[0]
+        k = min(max(topk), logits.shape[1])
+        top = logits.topk(k, dim=1).indices
+        match = top == y[:, None]
+        hits += torch.stack([match[:, :min(t, k)].any(1).sum() for t in topk])
+        seen += y.shape[0]
+        if collect:
+            preds.append(top[:, 0].cpu())
+            targets.append(y.cpu())
+    totals = _reduce([float(loss_sum), float(seen)] + [float(h) for h in hits.tolist()], device)
+    n = max(totals[1], 1)
+    out = {"loss": totals[0] / n, "images": int(totals[1])}
+    for t, h in zip(topk, totals[2:]):
+        out[f"top{t}"] = h / n
+    if collect:
+        out["preds"] = torch.cat(preds) if preds else torch.zeros(0, dtype=torch.int64)
+        out["targets"] = torch.cat(targets) if targets else torch.zeros(0, dtype=torch.int64)
+    return out

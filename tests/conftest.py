@@ -1,0 +1,49 @@
+"""Shared test helpers: run the installed commands as a user would, find the real data."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+# Tests that need the real datasets read them from here (.ci/run sets it to ../shared/data).
+DATA_ENV = "RESNET_CLI_TEST_DATA"
+
+
+def command(name: str) -> str:
+    """The console script installed beside this Python (the venv's), else on PATH."""
+    exe = BIN / name
+    return str(exe) if exe.exists() else (shutil.which(name) or name)
+
+
+def run_cli(name: str, *args: str, cwd: Path | None = None, env: dict | None = None,
+            timeout: float = 600, check: bool = False) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "HYDRA_FULL_ERROR": "0", **(env or {})}
+    full_env.pop("HYDRA_FULL_ERROR") if full_env.get("HYDRA_FULL_ERROR") == "0" else None
+    proc = subprocess.run([command(name), *args], cwd=cwd, env=full_env, capture_output=True, text=True,
+                          timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{name} {' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture
+def real_data() -> Path:
+    root = os.environ.get(DATA_ENV)
+    if not root or not (Path(root) / "FashionMNIST" / "raw").is_dir():
+        pytest.skip(f"real datasets not available (set {DATA_ENV} to a folder with FashionMNIST/raw)")
+    return Path(root)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    # Extracted datasets go to a per-session cache, never into the shared data folder.
+    cache = tmp_path_factory.getbasetemp() / "xdg-cache"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(cache))

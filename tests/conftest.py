@@ -25,8 +25,9 @@ def command(name: str) -> str:
 
 def run_cli(name: str, *args: str, cwd: Path | None = None, env: dict | None = None,
             timeout: float = 600, check: bool = False) -> subprocess.CompletedProcess:
-    full_env = {**os.environ, "HYDRA_FULL_ERROR": "0", **(env or {})}
-    full_env.pop("HYDRA_FULL_ERROR") if full_env.get("HYDRA_FULL_ERROR") == "0" else None
+    # Users see one-line errors unless they ask for tracebacks; so do the tests.
+    full_env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    full_env.update(env or {})
     proc = subprocess.run([command(name), *args], cwd=cwd, env=full_env, capture_output=True, text=True,
                           timeout=timeout)
     if check and proc.returncode != 0:

@@ -168,6 +168,10 @@ def validate(config_name: str, overrides: list[str], multirun: bool) -> DictConf
         except Exception as e:
             raise _config_error(hydra_error_line(e, job)) from None
         check_values(cfg)
+        if "model" in cfg:
+            from .models import ModelSpec
+
+            ModelSpec.from_mapping(OmegaConf.to_container(cfg.model, resolve=True)).validate()
         if config_name == "train":
             check_available(cfg.data.name, cfg.data.root, cfg.data.download)
             from .engine import resolve_device

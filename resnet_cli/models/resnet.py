@@ -75,9 +75,11 @@ class ModelSpec:
                     f"model.groups={self.groups}, model.width_per_group={self.width_per_group}: "
                     f"block={self.block} supports only groups=1, width_per_group=64; use a bottleneck block")
             for w in self.widths:
-                inner = int(w * self.width_per_group / 64.0) * self.groups
-                if inner % self.groups:
-                    raise bad("groups", self.groups, f"must divide the inner width {inner}")
+                if int(w * self.width_per_group / 64.0) < 1:
+                    raise ModelConfigError(
+                        f"model.widths={list(self.widths)}, model.width_per_group={self.width_per_group}: "
+                        f"a bottleneck of width {w} gets {w * self.width_per_group / 64.0:.2g} channels per group; "
+                        "each needs >= 1 (widths * width_per_group / 64 >= 1)")
         if self.shortcut == "identity":
             expansion = BLOCKS[self.block].expansion
             chans = [self.stem_width or self.widths[0]] + [w * expansion for w in self.widths]
@@ -169,24 +171,23 @@ class ResNet(nn.Module):
 
 
 def stage_sizes(spec: ModelSpec, in_channels: int, size: int) -> list[tuple[str, tuple[int, ...]]]:
-    """Output shape of the stem and of every stage for one size x size image, computed on
-    the meta device (no memory, no FLOPs). Raises ModelConfigError naming the stage whose
-    output would be empty."""
-    with torch.device("meta"):
-        model = ResNet(spec, in_channels, 1).eval()
-        x = torch.empty(1, in_channels, size, size)
-    shapes: list[tuple[str, tuple[int, ...]]] = []
-    groups = [("stem", model.stem_names)] + [(n, (n,)) for n in model.stage_names]
-    with torch.no_grad():
-        for group, names in groups:
-            try:
-                for name in names:
-                    x = getattr(model, name)(x)
-            except RuntimeError:
-                x = None
-            if x is None or min(x.shape[2:]) < 1:
-                raise ModelConfigError(
-                    f"input {size}x{size} is too small for model {spec.name}: the output of {group} would be "
-                    "empty; use a larger data.resize or a stem with less downsampling")
-            shapes.append((group, tuple(x.shape)))
+    """Output shape (1 x C x H x W) of the stem and of every stage, by convolution arithmetic.
+
+    Every conv and pool here pads so that a stride-s layer maps n pixels to ceil(n / s):
+    an image of any size >= 1 keeps at least 1x1 through every stage (a 1x1 map is still
+    computed correctly, just with little to see). Raises ModelConfigError for sizes below 1."""
+    spec.validate()
+    if size < 1:
+        raise ModelConfigError(f"input size {size}: the stem's output would be empty; use a size >= 1")
+    _, cin, stride = STEMS[spec.stem](in_channels, spec.stem_width or spec.widths[0], lambda c: nn.Identity(),
+                                     norm=False)
+    side = size
+    while stride > 1:  # the stems downsample in steps of 2
+        side, stride = -(-side // 2), stride // 2
+    shapes = [("stem", (1, cin, side, side))]
+    expansion = BLOCKS[spec.block].expansion
+    for i, width in enumerate(spec.widths):
+        if i > 0:
+            side = -(-side // 2)
+        shapes.append((f"layer{i + 1}", (1, width * expansion, side, side)))
     return shapes

@@ -1,0 +1,220 @@
+"""`resnet-predict`: the top-k classes of a checkpoint's model for image files.
+
+Each image goes through evaluation's own preprocessing: decoded with PIL, converted to the
+checkpoint's channel count, then `device_batch(..., train=False)` (resize to the training
+input size, scale, normalize) -- the function the test split goes through during training.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+from torch import nn
+
+from .config import ConfigError
+from .data import DataError
+from .data.transforms import Preprocess, device_batch
+
+USAGE = """
+usage: resnet-predict checkpoint=PATH inputs=FILES_OR_FOLDERS [key=value ...]
+
+Print the most likely classes for each image.
+
+  checkpoint=PATH       a .pt file, or a run folder (uses its checkpoints/best.pt)
+  inputs=a.png,b.jpg    image files and/or folders (searched recursively), comma-separated;
+                        globs such as 'imgs/*.png' are expanded (quote them)
+  topk=5                classes per image (at most the number of classes)
+  format=table          table | json (json: a list of {file, topk: [{label, name, prob}]} on stdout)
+  device=auto           auto | cpu | cuda | cuda:N | mps
+  precision=null        null: the training run's policy; fp32 | bf16 | fp16
+  batch_size=64         images per forward pass
+
+Files that cannot be read are reported on stderr and skipped.
+"""
+
+PATH_KEYS = ("checkpoint", "inputs")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+FORMATS = ("table", "json")
+# The PIL mode that gives the checkpoint's channel count (ITU-R 601-2 luma for grayscale).
+MODES = {1: "L", 3: "RGB"}
+
+
+@dataclass
+class PredictConfig:
+    checkpoint: Optional[str] = None
+    inputs: Optional[str] = None
+    topk: int = 5
+    format: str = "table"
+    device: str = "auto"
+    precision: Optional[str] = None
+    batch_size: int = 64
+
+
+class ImageError(ValueError):
+    """One file that cannot be used; the message names it. Skipped, not fatal."""
+
+
+# ---------------------------------------------------------------- finding and reading images
+
+def find_images(inputs: Sequence[str]) -> tuple[list[Path], list[tuple[str, str]]]:
+    """(image files, problems): files as given (any suffix: decoding decides), folders
+    searched recursively for IMAGE_SUFFIXES in sorted order, glob patterns expanded.
+    Order is kept and repeats dropped."""
+    found: list[Path] = []
+    problems: list[tuple[str, str]] = []
+    for item in inputs:
+        matches = sorted(glob.glob(item, recursive=True)) if glob.has_magic(item) else [item]
+        if not matches:
+            problems.append((item, "matches no files"))
+        for m in matches:
+            p = Path(m).expanduser()
+            if p.is_dir():
+                found += sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+            elif p.is_file():
+                found.append(p)
+            else:
+                problems.append((m, "no such file or folder"))
+    return list(dict.fromkeys(found)), problems
+
+
+def load_image(path: Path, channels: int) -> torch.Tensor:
+    """uint8 C x H x W with the model's channel count. Raises ImageError."""
+    import numpy as np
+    from PIL import Image
+
+    mode = MODES.get(channels)
+    if mode is None:
+        raise ConfigError(f"checkpoint: {channels}-channel input; prediction from image files supports 1 or 3")
+    try:
+        with Image.open(path) as img:  # the first frame of an animated GIF or multi-page TIFF
+            converted = img.convert(mode)
+    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
+        # UnidentifiedImageError is an OSError; a mode PIL cannot convert is a ValueError
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ImageError(f"{path}: cannot be read as an image ({reason[:160]})") from None
+    t = torch.from_numpy(np.array(converted, dtype=np.uint8))
+    return t[None] if t.ndim == 2 else t.permute(2, 0, 1).contiguous()
+
+
+# ---------------------------------------------------------------- prediction
+
+@torch.inference_mode()
+def predict_images(model: nn.Module, prep: Preprocess, paths: Sequence[Path], topk: int,
+                   class_names: Sequence[str], device: torch.device | str = "cpu", precision: str = "fp32",
+                   channels_last: bool = False, batch_size: int = 64
+                   ) -> tuple[list[dict[str, Any]], list[tuple[Path, str]]]:
+    """(one {file, topk: [{label, name, prob}]} per readable image in order, skipped files
+    with the reason). Probabilities are the softmax over all classes."""
+    from .engine import autocast
+
+    device = torch.device(device)
+    model.eval()
+    k = max(1, min(int(topk), len(class_names)))
+    results: list[dict[str, Any]] = []
+    skipped: list[tuple[Path, str]] = []
+    pending: list[tuple[Path, torch.Tensor]] = []
+
+    def flush() -> None:
+        x = torch.cat([t for _, t in pending])
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(device, precision):
+            logits = model(x)
+        probs = logits.float().softmax(1)
+        top_p, top_i = probs.topk(k, dim=1)
+        for (path, _), ps, ix in zip(pending, top_p.tolist(), top_i.tolist()):
+            results.append({"file": str(path),
+                            "topk": [{"label": i, "name": class_names[i], "prob": p} for p, i in zip(ps, ix)]})
+        pending.clear()
+
+    for path in paths:
+        try:
+            image = load_image(path, prep.channels)
+        except ImageError as e:
+            skipped.append((path, str(e)))
+            continue
+        # One image at a time through device_batch: images of any size all end up at prep.size.
+        pending.append((path, device_batch(image[None].to(device), prep, train=False)))
+        if len(pending) >= batch_size:
+            flush()
+    if pending:
+        flush()
+    return results, skipped
+
+
+# ---------------------------------------------------------------- output
+
+def show(results: list[dict[str, Any]], stream=None) -> None:
+    from .inference import console, table
+
+    stream = stream or sys.stdout
+    tty = stream.isatty()
+    t = table(stream)
+    for col, just in (("file", "left"), ("rank", "right"), ("label", "right"), ("name", "left"), ("prob", "right")):
+        t.add_column(col, justify=just)
+    for r in results:
+        for rank, c in enumerate(r["topk"], 1):
+            # a terminal shows each file once; piped output repeats it so that every line stands alone
+            name = r["file"] if (rank == 1 or not tty) else ""
+            t.add_row(name, str(rank), str(c["label"]), c["name"], f"{c['prob']:.4f}",
+                      end_section=tty and rank == len(r["topk"]))
+    console(stream).print(t)
+
+
+# ---------------------------------------------------------------- the command
+
+def run(argv: list[str]) -> list[dict[str, Any]]:
+    from .checkpoint import load_checkpoint
+    from .inference import as_device, as_precision, load_model, parse_args, require, resolve_checkpoint
+
+    cfg = parse_args("predict", PredictConfig, argv, PATH_KEYS, USAGE).cfg
+    path = resolve_checkpoint(require(cfg, "checkpoint", "checkpoint=outputs/DATE/TIME/checkpoints/best.pt"))
+    inputs = [s.strip() for s in str(require(cfg, "inputs", "inputs=cat.png,dog.jpg or inputs=images/")).split(",")]
+    inputs = [s for s in inputs if s]
+    if cfg["topk"] < 1:
+        raise ConfigError(f"topk={cfg['topk']}: must be >= 1")
+    if cfg["format"] not in FORMATS:
+        raise ConfigError(f"format={cfg['format']}: choose from {', '.join(FORMATS)}")
+    if cfg["batch_size"] < 1:
+        raise ConfigError(f"batch_size={cfg['batch_size']}: must be >= 1")
+    device = as_device(cfg["device"])
+
+    paths, problems = find_images(inputs)
+    if not paths:  # one line, naming the first thing that was not there
+        why = f"{problems[0][0]}: {problems[0][1]}" if problems else f"looked for {', '.join(IMAGE_SUFFIXES)}"
+        raise DataError(f"inputs={cfg['inputs']}: no images found ({why})")
+    for item, why in problems:
+        print(f"warning: {item}: {why}; skipped", file=sys.stderr)
+
+    ckpt = load_checkpoint(path, map_location="cpu")
+    channels_last = bool(ckpt["config"].get("trainer", {}).get("channels_last", True))
+    loaded = load_model(ckpt, path, device, channels_last)
+    precision = as_precision(cfg["precision"], ckpt["config"], device)
+    results, skipped = predict_images(loaded.model, loaded.prep, paths, cfg["topk"], loaded.class_names, device,
+                                      precision, channels_last, cfg["batch_size"])
+    for _, why in skipped:
+        print(f"warning: {why}; skipped", file=sys.stderr)
+    if not results:
+        raise DataError(f"inputs={cfg['inputs']}: none of the {len(paths)} file(s) could be read as an image")
+    if cfg["format"] == "json":
+        print(json.dumps(results, indent=2))
+    else:
+        show(results)
+    return results
+
+
+def main() -> None:
+    from .cli import user_errors
+
+    with user_errors():
+        run(sys.argv[1:])
+
+
+if __name__ == "__main__":
+    main()

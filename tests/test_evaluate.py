@@ -1,0 +1,181 @@
+"""resnet-eval on a checkpoint trained in the test: it must score exactly what training scored."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import run_cli
+
+from resnet_cli.config import ConfigError
+from resnet_cli.data.transforms import Preprocess
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def tiny_run(tmp_path_factory) -> Path:
+    """One tiny training run per test session, shared by the eval/predict/export tests
+    (trained once, found again by path; a subprocess, as users run it)."""
+    run_dir = tmp_path_factory.getbasetemp() / "after_training" / "run"
+    if not (run_dir / "results.json").is_file():
+        run_dir.parent.mkdir(parents=True, exist_ok=True)
+        run_cli("resnet-train", "data=synthetic", "model=resnet20", "epochs=2", "trainer.progress=plain",
+                "data.train_size=256", "data.test_size=128", "batch_size=64", f"hydra.run.dir={run_dir}",
+                cwd=run_dir.parent, check=True, timeout=300)
+    return run_dir
+
+
+def call_main(main, name: str, argv: list[str], monkeypatch, capsys) -> tuple[int, str, str]:
+    """A command's main() in this process (cheaper than a subprocess for the many bad-input cases)."""
+    monkeypatch.setattr(sys, "argv", [name, *argv])
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    try:
+        main()
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_error_line(code: int, err: str, *needles: str) -> None:
+    assert code == 2, err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+@pytest.fixture(scope="session")
+def run_dir(tmp_path_factory) -> Path:
+    return tiny_run(tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def best_eval(run_dir, tmp_path_factory) -> tuple[dict, Path, str]:
+    out = tmp_path_factory.mktemp("eval_best")
+    proc = run_cli("resnet-eval", f"checkpoint={run_dir / 'checkpoints' / 'best.pt'}", f"output_dir={out}",
+                   check=True, timeout=300)
+    return json.loads((out / "eval.json").read_text()), out, proc.stdout
+
+
+def test_best_checkpoint_scores_the_runs_best_test_acc(run_dir, best_eval):
+    result, _, _ = best_eval
+    results = json.loads((run_dir / "results.json").read_text())
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    best_row = max(rows, key=lambda r: r["test_acc"])
+    assert result["top1"] == results["best_test_acc"] == best_row["test_acc"]  # exactly: same computation
+    assert result["loss"] == pytest.approx(best_row["test_loss"], rel=1e-9)
+    assert result["epoch"] == results["best_epoch"]
+    assert result["images"] == 128
+
+
+def test_eval_json_and_confusion_png(best_eval):
+    result, out, stdout = best_eval
+    for key in ("checkpoint", "epoch", "model", "dataset", "images", "top1", "top5", "loss", "device", "precision",
+                "class_names", "per_class", "confusion", "data"):
+        assert key in result
+    assert result["model"] == "resnet20" and result["dataset"] == "synthetic"
+    assert 0 <= result["top1"] <= result["top5"] <= 1
+    n = len(result["class_names"])
+    conf = torch.tensor(result["confusion"])
+    assert conf.shape == (n, n) and int(conf.sum()) == result["images"]
+    per = result["per_class"]
+    assert [p["name"] for p in per] == result["class_names"]
+    assert [p["correct"] for p in per] == conf.diag().tolist()
+    assert [p["images"] for p in per] == conf.sum(1).tolist()
+    assert sum(p["correct"] for p in per) / result["images"] == pytest.approx(result["top1"], abs=1e-12)
+    for p in per:
+        assert p["accuracy"] is None or p["accuracy"] == pytest.approx(p["correct"] / p["images"])
+    assert (out / "confusion.png").read_bytes()[:8] == PNG_MAGIC
+    assert not list(out.glob(".*.tmp"))  # atomic writes leave no temp files
+    # the terminal report (plain: stdout is a pipe here)
+    assert f"top-1 {result['top1']:.4f}" in stdout
+    assert "per-class accuracy" in stdout and "confusion matrix" in stdout
+    assert "class_0" in stdout and "\x1b[" not in stdout
+
+
+def test_default_output_is_the_run_folder_and_last_pt_matches_its_epoch(run_dir, monkeypatch, capsys):
+    from resnet_cli.evaluate import main
+
+    code, out, err = call_main(main, "resnet-eval", [f"checkpoint={run_dir / 'checkpoints' / 'last.pt'}",
+                                                     "device=cpu"], monkeypatch, capsys)
+    assert code == 0, err
+    result = json.loads((run_dir / "eval.json").read_text())
+    assert (run_dir / "confusion.png").read_bytes()[:8] == PNG_MAGIC
+    last_row = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()][-1]
+    assert result["epoch"] == last_row["epoch"] == 2
+    assert result["top1"] == last_row["test_acc"]
+
+
+def test_data_override_and_run_folder_argument(run_dir, tmp_path, monkeypatch, capsys):
+    from resnet_cli.evaluate import main
+
+    code, out, err = call_main(main, "resnet-eval", [f"checkpoint={run_dir}", "data.limit_test=50",
+                                                     f"output_dir={tmp_path}"], monkeypatch, capsys)
+    assert code == 0, err
+    result = json.loads((tmp_path / "eval.json").read_text())
+    assert result["images"] == 50 and result["checkpoint"].endswith("best.pt")
+    assert result["data"]["limit_test"] == 50 and result["data"]["train_size"] == 256  # the rest: as stored
+
+
+def test_eval_data_config_keeps_the_stored_data_and_the_checkpoints_preprocessing(tmp_path, monkeypatch):
+    from resnet_cli.evaluate import eval_data_config
+
+    prep = Preprocess(channels=1, size=96, mean=(0.25,), std=(0.5,))
+    stored = {"name": "fashion_mnist", "root": "data", "limit_test": 300, "resize": 96, "mean": None, "std": None,
+              "normalize": True, "download": True}
+    composed = {**stored, "root": "/elsewhere", "limit_test": None, "download": False}
+    cfg = eval_data_config(stored, composed, {"data.root"}, prep)
+    assert cfg["root"] == "/elsewhere" and cfg["limit_test"] == 300 and cfg["download"] is True
+    assert (cfg["resize"], cfg["mean"], cfg["std"], cfg["normalize"]) == (96, [0.25], [0.5], True)
+    # a relative root that is not here is looked up where training ran
+    (tmp_path / "train_cwd" / "data").mkdir(parents=True)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    cfg = eval_data_config(stored, composed, set(), prep, train_cwd=tmp_path / "train_cwd")
+    assert cfg["root"] == str(tmp_path / "train_cwd" / "data")
+    assert eval_data_config(stored, composed, set(), prep, train_cwd=None)["root"] == "data"
+    with pytest.raises(ConfigError, match="data.mean: preprocessing comes from the checkpoint"):
+        eval_data_config(stored, composed, {"data.mean"}, prep)
+
+
+def test_bad_input_subprocess_one_line(tmp_path):
+    proc = run_cli("resnet-eval", f"checkpoint={tmp_path / 'missing.pt'}")
+    assert_one_error_line(proc.returncode, proc.stderr, "missing.pt", "no such file")
+    assert proc.stdout == ""
+
+
+@pytest.mark.parametrize("case", ["no_checkpoint_key", "foreign", "corrupt", "unknown_key", "preprocessing",
+                                  "bad_device", "channels"])
+def test_bad_input_in_process(case, run_dir, tmp_path, monkeypatch, capsys):
+    from resnet_cli.evaluate import main
+
+    best = run_dir / "checkpoints" / "best.pt"
+    foreign, corrupt = tmp_path / "foreign.pt", tmp_path / "corrupt.pt"
+    torch.save({"weights": torch.zeros(2)}, foreign)
+    corrupt.write_bytes(b"PK\x03\x04 this is not a zip archive")
+    argv, needles = {
+        "no_checkpoint_key": ([], ("checkpoint: required",)),
+        "foreign": ([f"checkpoint={foreign}"], ("not a resnet-cli checkpoint",)),
+        "corrupt": ([f"checkpoint={corrupt}"], ("corrupt.pt", "cannot be read")),
+        "unknown_key": ([f"checkpoint={best}", "chekpoint=x"], ("chekpoint: unknown key", "did you mean checkpoint")),
+        "preprocessing": ([f"checkpoint={best}", "data.resize=64"], ("data.resize",)),
+        "bad_device": ([f"checkpoint={best}", "device=tpu"], ("device=tpu",)),
+        "channels": ([f"checkpoint={best}", "data.channels=3"], ("3-channel", "1 channel")),
+    }[case]
+    code, out, err = call_main(main, "resnet-eval", argv, monkeypatch, capsys)
+    assert_one_error_line(code, err, *needles)
+
+
+@pytest.mark.parametrize("module", ["evaluate", "predict", "export"])
+def test_help_lists_the_keys(module, monkeypatch, capsys):
+    import importlib
+
+    main = importlib.import_module(f"resnet_cli.{module}").main
+    code, out, err = call_main(main, f"resnet-{module}", ["--help"], monkeypatch, capsys)
+    assert code == 0 and out.startswith("usage: resnet-") and "checkpoint=PATH" in out and err == ""

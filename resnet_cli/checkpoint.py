@@ -32,6 +32,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; give what open() would have
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -47,6 +48,12 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             os.fsync(dfd)
         finally:
             os.close(dfd)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
@@ -66,8 +73,15 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, RuntimeError, ValueError, OSError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if "weights_only" in str(e) or "Unsupported global" in str(e):
+        text = str(e).strip()
+        first = text.splitlines()[0] if text else type(e).__name__
+        # torch wraps every weights-only failure in the same long text; the line after
+        # "WeightsUnpickler error:" says whether the file is damaged or holds foreign objects.
+        detail = text.split("WeightsUnpickler error:", 1)[1].strip().splitlines() \
+            if "WeightsUnpickler error:" in text else []
+        if detail and "global" not in detail[0].lower():
+            first = f"not a PyTorch checkpoint, or damaged ({detail[0]})"
+        elif "weights_only" in text or "Unsupported global" in text:
             first = "it holds pickled objects other than tensors and plain data (refused for safety)"
         raise CheckpointError(f"checkpoint {path}: cannot be read ({first[:160]})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:

@@ -1,0 +1,158 @@
+"""Where images come from: torchvision's dataset classes, read once into memory.
+
+Dataset files are found (or downloaded and checksummed) by torchvision. A root that is
+read-only and holds only the official .gz files (how a shared data folder looks) is mirrored
+into a writable cache and extracted there, never into the root itself.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+class DataError(RuntimeError):
+    """Data that cannot be found or read; the message says where and what to do."""
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """Facts about a torchvision dataset that the rest of the code needs."""
+
+    folder: str  # torchvision's folder under root
+    files: tuple[str, ...]  # extracted files, in folder: what torchvision reads
+    archives: tuple[str, ...]  # the official downloads, relative to root
+    channels: int
+    num_classes: int
+
+
+# MNIST-family facts mirror torchvision's `resources`; CIFAR's its tarball layout.
+_MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+                "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+DATASETS: dict[str, DatasetInfo] = {
+    "fashion_mnist": DatasetInfo("FashionMNIST/raw", _MNIST_FILES,
+                                 tuple(f"FashionMNIST/raw/{f}.gz" for f in _MNIST_FILES), 1, 10),
+    "mnist": DatasetInfo("MNIST/raw", _MNIST_FILES, tuple(f"MNIST/raw/{f}.gz" for f in _MNIST_FILES), 1, 10),
+    "cifar10": DatasetInfo("cifar-10-batches-py", ("data_batch_1", "test_batch", "batches.meta"),
+                           ("cifar-10-python.tar.gz",), 3, 10),
+    "cifar100": DatasetInfo("cifar-100-python", ("train", "test", "meta"), ("cifar-100-python.tar.gz",), 3, 100),
+}
+
+
+def _torchvision_class(name: str):
+    from torchvision import datasets
+
+    return {"fashion_mnist": datasets.FashionMNIST, "mnist": datasets.MNIST,
+            "cifar10": datasets.CIFAR10, "cifar100": datasets.CIFAR100}[name]
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "resnet-cli" / "data"
+
+
+def _writable(path: Path) -> bool:
+    probe = path
+    while not probe.exists():
+        probe = probe.parent
+    # Write bits too, not only access(): root may write anywhere, but a folder that was made
+    # read-only on purpose (a shared data folder) is still not ours to extract into.
+    return os.access(probe, os.W_OK) and bool(probe.stat().st_mode & 0o222)
+
+
+def _extracted(root: Path, info: DatasetInfo) -> bool:
+    return all((root / info.folder / f).exists() for f in info.files)
+
+
+def _archived(root: Path, info: DatasetInfo) -> bool:
+    return all((root / f).exists() for f in info.archives)
+
+
+def _mirror_archives(root: Path, cache: Path, info: DatasetInfo) -> Path:
+    """Copy the compressed files into the cache, where torchvision may verify and extract them."""
+    for f in info.archives:
+        dst = cache / f
+        if not dst.exists():
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            tmp = dst.with_name(f".{dst.name}.part")
+            shutil.copyfile(root / f, tmp)
+            os.replace(tmp, dst)
+    return cache
+
+
+def open_torchvision(name: str, root: str | os.PathLike, download: bool,
+                     cache_dir: str | os.PathLike | None = None) -> tuple[Any, Any]:
+    """(train, test) torchvision datasets, without transforms."""
+    info = DATASETS[name]
+    root = Path(root).expanduser().resolve()
+    cls = _torchvision_class(name)
+    cache = Path(cache_dir).expanduser().resolve() if cache_dir else default_cache_dir()
+    if _extracted(root, info):
+        use_root, fetch = root, False
+    elif _extracted(cache, info):
+        use_root, fetch = cache, False
+    elif _archived(root, info):
+        # torchvision's download() finds the archives, checks their MD5 and extracts them beside
+        # themselves (no network): in place if we may write there, else in the cache.
+        use_root = root if _writable((root / info.archives[0]).parent) else _mirror_archives(root, cache, info)
+        fetch = True
+    elif not download:
+        raise _not_found(name, root, info, "and data.download=false")
+    else:
+        use_root, fetch = (root if _writable(root) else cache), True
+    try:
+        train = cls(str(use_root), train=True, download=fetch)
+        test = cls(str(use_root), train=False, download=fetch)
+    except (OSError, RuntimeError) as e:  # URLError is an OSError; torchvision raises RuntimeError on MD5
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise _not_found(name, root, info, f"and the download failed ({reason})") from None
+    return train, test
+
+
+def _not_found(name: str, root: Path, info: DatasetInfo, why: str) -> DataError:
+    files = ", ".join(info.archives)
+    return DataError(
+        f"data.root={root}: {name} files not found (expected {files} under it) {why}; "
+        f"put the official files there, set data.root= (or RESNET_CLI_DATA) to a folder that has them, "
+        f"or allow data.download=true on a machine with internet")
+
+
+def check_available(name: str, root: str, download: bool) -> None:
+    """Cheap check before a run starts: fail now if the files are missing and may not be fetched."""
+    if name in DATASETS and not download:
+        info = DATASETS[name]
+        path = Path(root).expanduser().resolve()
+        if not (_extracted(path, info) or _archived(path, info)):
+            raise _not_found(name, path, info, "and data.download=false")
+    if name == "imagefolder":
+        path = Path(root).expanduser().resolve()
+        for split in ("train", "val"):
+            if not (path / split).is_dir():
+                raise DataError(f"data.root={path}: imagefolder needs {path / split}/ with one folder per class")
+
+
+def as_uint8_nchw(ds: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images as one uint8 N x C x H x W tensor and labels as int64, from a torchvision dataset."""
+    data = ds.data
+    images = torch.as_tensor(data)
+    if images.ndim == 3:  # MNIST family: N x H x W
+        images = images.unsqueeze(1)
+    else:  # CIFAR: N x H x W x C numpy
+        images = images.permute(0, 3, 1, 2)
+    labels = torch.as_tensor(ds.targets, dtype=torch.int64)
+    return images.contiguous(), labels
+
+
+def synthetic(n: int, channels: int, size: int, num_classes: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random images with a faint class-dependent pattern, so that a smoke run can learn."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, num_classes, (n,), generator=g)
+    patterns = torch.rand(num_classes, channels, size, size, generator=g)
+    noise = torch.rand(n, channels, size, size, generator=g)
+    images = (0.5 * patterns[labels] + 0.5 * noise) * 255
+    return images.round().to(torch.uint8), labels

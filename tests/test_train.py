@@ -1,0 +1,213 @@
+"""resnet-train end to end: artifacts, recipes, data configs, determinism, real learning."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from resnet_cli.checkpoint import load_checkpoint
+from resnet_cli.cli import compose
+from resnet_cli.reporting import TIMING_FIELDS
+
+from conftest import run_cli
+
+TINY = ["data=synthetic", "data.train_size=192", "data.test_size=96", "batch_size=64", "model=resnet20",
+        "trainer.progress=plain"]
+EPOCH_KEYS = {"epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "epoch_time_s",
+              "train_images_per_s"}
+
+
+def run_dirs(root: Path) -> list[Path]:
+    return sorted(p.parent for p in root.glob("outputs/*/*/metrics.jsonl"))
+
+
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def untimed(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in TIMING_FIELDS and k != "eval_time_s"} for r in rows]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> tuple[Path, object]:
+    cwd = tmp_path_factory.mktemp("run")
+    proc = run_cli("resnet-train", *TINY, "epochs=2", cwd=cwd, check=True)
+    (run,) = run_dirs(cwd)
+    return run, proc
+
+
+def test_run_writes_every_artifact(tiny_run):
+    run, proc = tiny_run
+    assert (run / ".hydra" / "config.yaml").is_file() and (run / ".hydra" / "overrides.yaml").is_file()
+    assert (run / "train.log").read_text().count("epoch 2/2") == 1
+    rows = metrics(run)
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert all(EPOCH_KEYS <= set(r) for r in rows)
+    assert all(0 <= r["train_acc"] <= 1 and 0 <= r["test_acc"] <= 1 and r["train_images_per_s"] > 0 for r in rows)
+    results = json.loads((run / "results.json").read_text())
+    from resnet_cli import build_model
+
+    expected = sum(p.numel() for p in build_model("resnet20", in_channels=1, num_classes=10).parameters())
+    assert results["parameters"] == expected == 269_434  # the paper's 0.27M, with a 1-channel stem
+    assert results["best_test_acc"] == max(r["test_acc"] for r in rows)
+    assert results["final"]["test_acc"] == rows[-1]["test_acc"]
+    assert {"device", "precision", "wall_time_s"} <= set(results)
+    png = (run / "curves.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+def test_first_lines_say_what_runs(tiny_run):
+    run, proc = tiny_run
+    head = proc.stdout.splitlines()[:4]
+    assert head[0].startswith("device cpu") and "precision" in head[0]
+    assert "269,434 parameters" in head[1]
+    assert "192 train / 96 test" in head[2]
+    assert str(run) in head[3]
+    assert "\x1b[" not in proc.stdout  # no progress bar when not on a terminal
+
+
+def test_checkpoints_rebuild_their_model_alone(tiny_run):
+    run, _ = tiny_run
+    for name in ("last.pt", "best.pt"):
+        raw = torch.load(run / "checkpoints" / name, weights_only=True)  # plain containers only
+        ckpt = load_checkpoint(run / "checkpoints" / name)
+        assert raw.keys() == ckpt.keys()
+        assert {"model", "optimizer", "lr_scheduler", "epoch", "config", "best_acc"} <= set(ckpt)
+        from resnet_cli import build_model
+
+        model = build_model(ckpt["config"]["model"], in_channels=1, num_classes=ckpt["num_classes"])
+        model.load_state_dict(ckpt["model"])
+    best = load_checkpoint(run / "checkpoints" / "best.pt")
+    rows = metrics(run)
+    assert best["best_acc"] == max(r["test_acc"] for r in rows)
+
+
+def test_same_seed_same_metrics(tiny_run, tmp_path):
+    run, _ = tiny_run
+    run_cli("resnet-train", *TINY, "epochs=2", cwd=tmp_path, check=True)
+    (again,) = run_dirs(tmp_path)
+    assert untimed(metrics(again)) == untimed(metrics(run))
+    a = load_checkpoint(run / "checkpoints" / "last.pt")["model"]
+    b = load_checkpoint(again / "checkpoints" / "last.pt")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_d2l_experiment_composes_to_the_reference():
+    cfg = compose("train", ["experiment=d2l"])
+    assert cfg.model.name == "d2l_resnet18" and cfg.model.init == "xavier" and cfg.model.conv_bias
+    assert (cfg.lr, cfg.epochs, cfg.batch_size) == (0.05, 10, 256)
+    assert cfg.optimizer._target_ == "torch.optim.SGD"
+    assert cfg.optimizer.momentum == 0 and cfg.optimizer.weight_decay == 0 and not cfg.optimizer.nesterov
+    assert cfg.scheduler._target_ is None
+    assert cfg.data.name == "fashion_mnist" and cfg.data.resize == 96
+    assert cfg.data.augment == "none" and not cfg.data.normalize
+    assert cfg.trainer.precision == "fp32" and cfg.trainer.label_smoothing == 0
+
+
+def test_default_recipe_improves_on_the_reference():
+    cfg = compose("train", [])
+    assert cfg.model.name == "resnet18" and cfg.data.name == "fashion_mnist" and cfg.data.resize == 96
+    assert (cfg.lr, cfg.epochs, cfg.batch_size) == (0.05, 10, 256)
+    assert cfg.optimizer.momentum == 0.9 and cfg.optimizer.weight_decay > 0
+    assert cfg.scheduler.warmup_epochs > 0 and "cosine" in cfg.scheduler._target_
+    assert cfg.trainer.label_smoothing > 0 and cfg.data.augment == "standard" and cfg.data.normalize
+    assert cfg.trainer.precision == "auto" and cfg.trainer.device == "auto"
+
+
+@pytest.mark.parametrize("data", ["fashion_mnist", "mnist", "cifar10", "cifar100", "imagefolder", "synthetic"])
+def test_each_dataset_config_composes(data):
+    over = [f"data={data}"] + (["data.root=/somewhere"] if data == "imagefolder" else [])
+    cfg = compose("train", over)
+    plain = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    assert plain["data"]["name"] == data
+
+
+def test_data_root_comes_from_the_environment(monkeypatch):
+    monkeypatch.setenv("RESNET_CLI_DATA", "/datasets/here")
+    assert compose("train", []).data.root == "/datasets/here"
+    monkeypatch.delenv("RESNET_CLI_DATA")
+    assert compose("train", []).data.root == "data"
+
+
+def test_optimizer_and_scheduler_come_from_config():
+    from resnet_cli.train import build_optimizer, build_scheduler
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(),
+                                torch.nn.LazyLinear(2))
+    model(torch.zeros(2, 1, 5, 5))
+    for opt_name, sched in [("sgd", "cosine"), ("adamw", "onecycle"), ("sgd", "step"), ("sgd", "none")]:
+        cfg = OmegaConf.to_container(compose("train", [f"optimizer={opt_name}", f"scheduler={sched}"]), resolve=True)
+        opt = build_optimizer(model, cfg["optimizer"])
+        assert type(opt).__name__ == {"sgd": "SGD", "adamw": "AdamW"}[opt_name]
+        # no weight decay on BN weights and biases
+        assert [g["weight_decay"] for g in opt.param_groups] == [cfg["optimizer"]["weight_decay"], 0.0]
+        no_decay = {id(p) for p in opt.param_groups[1]["params"]}
+        assert id(model[1].weight) in no_decay and id(model[0].bias) in no_decay and id(model[0].weight) not in no_decay
+        s = build_scheduler(opt, cfg["scheduler"], steps_per_epoch=10, epochs=3)
+        lrs = []
+        for _ in range(30):
+            lrs.append(opt.param_groups[0]["lr"])
+            opt.step()
+            if s:
+                s.step()
+        if sched == "cosine":  # warmup then decay to ~0
+            assert lrs[0] < lrs[9] and lrs[-1] < 0.05 * max(lrs)
+        if sched == "none":
+            assert len(set(lrs)) == 1
+
+
+def test_read_only_gz_root_is_extracted_into_a_cache(real_data, tmp_path):
+    # A copy of the shared layout, made read-only: only the official .gz files.
+    root = tmp_path / "ro"
+    shutil.copytree(real_data / "FashionMNIST", root / "FashionMNIST")
+    for p in sorted(root.rglob("*"), reverse=True):
+        p.chmod(p.stat().st_mode & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
+    root.chmod(0o555)
+    before = sorted(str(p) for p in root.rglob("*"))
+    cache = tmp_path / "cache"
+    from resnet_cli.data import load_data
+
+    overrides = [f"data.root={root}", f"data.cache_dir={cache}", "data.limit_train=64", "data.limit_test=32"]
+    cfg = OmegaConf.to_container(compose("train", overrides), resolve=True)
+    data = load_data(cfg["data"], 32, 32, 0, torch.device("cpu"))
+    assert data.class_names[0] == "T-shirt/top" and data.num_train == 64
+    assert sorted(str(p) for p in root.rglob("*")) == before  # nothing written into the root
+    assert (cache / "FashionMNIST" / "raw" / "train-images-idx3-ubyte").is_file()
+
+
+def test_missing_data_offline_fails_in_one_line(tmp_path):
+    empty = tmp_path / "nothing"
+    empty.mkdir()
+    proc = run_cli("resnet-train", f"data.root={empty}", "data.download=false", "epochs=1", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+    assert str(empty) in proc.stderr and "train-images-idx3-ubyte.gz" in proc.stderr
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_failed_download_fails_in_one_line(tmp_path):
+    # No network here: torchvision's download fails; the message says where and how.
+    empty = tmp_path / "nothing"
+    env = {"RESNET_CLI_DATA": str(empty), "https_proxy": "http://127.0.0.1:9", "http_proxy": "http://127.0.0.1:9"}
+    proc = run_cli("resnet-train", "epochs=1", "data.limit_train=8", cwd=tmp_path, env=env, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("error: data.root=") and proc.stderr.count("\n") == 1
+    assert "download failed" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.data
+def test_resnet18_learns_fashion_mnist(real_data, tmp_path):
+    """The issue's bar: ResNet-18, 4,000 training images at 28x28, 1 epoch, >= 0.70 on 1,000 test images."""
+    proc = run_cli("resnet-train", f"data.root={real_data}", "data.resize=null", "data.limit_train=4000",
+                   "data.limit_test=1000", "epochs=1", "trainer.progress=plain", cwd=tmp_path, check=True)
+    (run,) = run_dirs(tmp_path)
+    (row,) = metrics(run)
+    assert row["test_acc"] >= 0.70, proc.stdout

@@ -1,0 +1,337 @@
+"""Sweeps: the multirun summary (resnet_cli/sweep.py), the sweep presets, and the configs of the
+optional launchers/sweepers (skipped when their Hydra plugin is not installed)."""
+
+from __future__ import annotations
+
+import csv
+import inspect
+import json
+from pathlib import Path
+
+import pytest
+from conftest import run_cli
+from omegaconf import OmegaConf
+
+# A job of a few seconds on 2 CPU cores.
+SMALL = ("data=synthetic", "data.train_size=64", "data.test_size=32", "data.image_size=12", "batch_size=32",
+         "epochs=1", "trainer.progress=plain", "trainer.precision=fp32", "trainer.channels_last=false")
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _cli_keeps_sweeps_going() -> bool:
+    """True once resnet_cli.cli runs multirun jobs through resnet_cli.sweep.sweep_job."""
+    import resnet_cli.cli as cli
+
+    return "import sweep_job" in inspect.getsource(cli)
+
+
+needs_sweep_job = pytest.mark.skipif(
+    not _cli_keeps_sweeps_going(),
+    reason="resnet_cli.cli does not route multirun jobs through resnet_cli.sweep.sweep_job yet")
+
+
+def _only_sweep_dir(cwd: Path) -> Path:
+    dirs = [p for p in (cwd / "multirun").glob("*/*") if p.is_dir()]
+    assert len(dirs) == 1, dirs
+    return dirs[0]
+
+
+def _csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def compose_train(overrides: list[str]):
+    """The primary config with its hydra node, as Hydra composes it for the app."""
+    from hydra import compose, initialize_config_dir
+
+    from resnet_cli.config import register_schemas
+    from resnet_cli.paths import config_dir
+
+    register_schemas()
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        return compose("train", overrides=overrides, return_hydra_config=True)
+
+
+def _expand(params: dict, arguments: list[str]) -> list[list[str]]:
+    """The jobs Hydra's basic sweeper makes of hydra.sweeper.params plus command-line arguments."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides([f"{k}={v}" for k, v in params.items()] + arguments)
+    return [list(job) for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+
+
+# ---------------------------------------------------------------- the summary, on a made-up sweep folder
+
+def _job(sweep: Path, num: int, overrides: list[str], *, model: str, lr: float, residual: bool = True,
+         accs: list[float] | None = None, error: str | None = None, log: str = "") -> Path:
+    d = sweep / str(num)
+    (d / ".hydra").mkdir(parents=True)
+    OmegaConf.save(OmegaConf.create(overrides), d / ".hydra" / "overrides.yaml")
+    OmegaConf.save(OmegaConf.create({"hydra": {"job": {"num": num}}}), d / ".hydra" / "hydra.yaml")
+    OmegaConf.save(OmegaConf.create({"lr": lr, "model": {"name": model, "residual": residual}}),
+                   d / ".hydra" / "config.yaml")
+    rows = [{"epoch": i + 1, "train_loss": 2.0 - a, "train_acc": a, "test_loss": 2.1 - a, "test_acc": a - 0.05,
+             "lr": lr, "epoch_time_s": 1.5} for i, a in enumerate(accs or [])]
+    (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    if log:
+        (d / "train.log").write_text(log)
+    if error is not None:
+        (d / "error.txt").write_text(error + "\n\nTraceback ...\n")
+    elif accs:
+        best = max(rows, key=lambda r: r["test_acc"])
+        (d / "results.json").write_text(json.dumps({
+            "model": model, "epochs": len(rows), "final": rows[-1], "best": best,
+            "best_test_acc": best["test_acc"], "best_epoch": best["epoch"], "parameters": 1000 + num,
+            "wall_time_s": 4.0}))
+    return d
+
+
+@pytest.fixture
+def fake_sweep(tmp_path: Path) -> Path:
+    sweep = tmp_path / "multirun" / "2026-01-01" / "12-00-00"
+    fixed = ["data=synthetic", "epochs=3"]
+    _job(sweep, 0, fixed + ["model=resnet20", "lr=0.05"], model="resnet20", lr=0.05, accs=[0.3, 0.5, 0.6])
+    _job(sweep, 1, fixed + ["model=resnet20", "lr=0.5"], model="resnet20", lr=0.5, accs=[0.4, 0.7, 0.8])
+    _job(sweep, 2, fixed + ["model=plain20", "lr=0.05"], model="plain20", lr=0.05, residual=False,
+         accs=[0.2, 0.3, 0.35])
+    _job(sweep, 3, fixed + ["model=plain20", "lr=0.5"], model="plain20", lr=0.5, residual=False, accs=[0.1],
+         error="loss became nan at epoch 2, step 5; the last good checkpoint is kept")
+    _job(sweep, 4, fixed + ["model=plain20", "lr=5"], model="plain20", lr=5.0, residual=False,  # killed
+         log="[2026-01-01 12:00:01,000][INFO] model plain20: 1,234 parameters, input 1x28x28\n"
+             "[2026-01-01 12:00:02,000][WARNING] SIGTERM received: stopping after this step\n")
+    (sweep / "multirun.yaml").write_text("hydra: {}\n")
+    return sweep
+
+
+def test_summary_rows_files_and_table(fake_sweep: Path, capsys, monkeypatch):
+    from resnet_cli import sweep
+
+    monkeypatch.chdir(fake_sweep.parents[2])
+    doc = sweep.summarize(fake_sweep)
+    out = capsys.readouterr().out
+
+    rows = _csv(fake_sweep / "summary.csv")
+    assert [r["job"] for r in rows] == ["0", "1", "2", "3", "4"]
+    assert list(rows[0])[:5] == ["job", "status", "overrides", "model", "lr"]  # swept keys as columns
+    assert rows[1]["overrides"] == "model=resnet20 lr=0.5" and rows[1]["lr"] == "0.5"
+    assert [r["status"] for r in rows] == ["ok", "ok", "ok", "failed", "failed"]
+    assert rows[1]["best_test_acc"] == "0.75" and rows[1]["final_train_loss"] == "1.2" and rows[1]["epochs_done"] == "3"
+    assert rows[1]["parameters"] == "1001" and rows[1]["wall_time_s"] == "4.0"
+    # a failed job: the error.txt's first line, and what its metrics.jsonl got to
+    assert rows[3]["error"].startswith("loss became nan at epoch 2") and rows[3]["epochs_done"] == "1"
+    # no results.json and no error.txt: interrupted; the log tells the rest
+    assert "interrupted or killed" in rows[4]["error"] and "SIGTERM" in rows[4]["error"]
+    assert rows[4]["parameters"] == "1234"
+
+    assert doc == json.loads((fake_sweep / "summary.json").read_text())
+    assert (doc["n_jobs"], doc["n_ok"], doc["n_failed"], doc["best_job"]) == (5, 3, 2, 1)
+    assert doc["swept_keys"] == ["model", "lr"] and doc["fixed_overrides"] == ["data=synthetic", "epochs=3"]
+    assert doc["jobs"][1]["lr"] == 0.5  # numbers stay numbers in the json
+
+    for name in ("summary.png", "training_error.png"):  # several models: the training-error figure too
+        assert (fake_sweep / name).read_bytes().startswith(PNG)
+
+    # plain-text table (not a terminal): best first and marked, failures last, a closing line
+    lines = out.splitlines()
+    start = next(i for i, ln in enumerate(lines) if set(ln.replace(" ", "")) == {"-"}) + 1
+    end = next(i for i, ln in enumerate(lines) if ln.startswith("best: "))
+    body = lines[start:end]
+    assert [ln[1:].split()[0] for ln in body] == ["1", "0", "2", "3", "4"]
+    assert body[0].startswith("*") and not any(ln.startswith("*") for ln in body[1:])
+    assert "best: job 1  model=resnet20 lr=0.5  best_test_acc 0.7500 (epoch 3)" in out
+    assert "5 jobs, 3 ok, 2 failed" in out
+    assert sweep.failed_jobs_message().startswith("2 of 5 sweep jobs failed")
+
+
+def test_summary_while_running_and_without_lr_sweep(tmp_path: Path):
+    from resnet_cli import sweep
+
+    s = tmp_path / "sweep"
+    _job(s, 0, ["model=resnet20"], model="resnet20", lr=0.1, accs=[0.5])
+    _job(s, 1, ["model=resnet56"], model="resnet56", lr=0.1)  # started, nothing written yet
+    rows, swept, fixed = sweep.collect(s, final=False)
+    assert [r["status"] for r in rows] == ["ok", "running"] and swept == ["model"]
+    sweep.summarize(s, training_error=False, print_table=False)
+    assert (s / "summary.png").is_file()  # lr not swept: one bar per job
+    assert not (s / "training_error.png").exists()
+    assert json.loads((s / "summary.json").read_text())["jobs"][1]["status"] == "failed"
+
+
+def test_training_error_plot_setting(tmp_path: Path):
+    from resnet_cli import sweep
+
+    s = tmp_path / "sweep"
+    _job(s, 0, ["lr=0.1"], model="resnet20", lr=0.1, accs=[0.5])
+    _job(s, 1, ["lr=0.2"], model="resnet20", lr=0.2, accs=[0.6])
+    sweep.summarize(s, print_table=False)  # auto: one model only
+    assert not (s / "training_error.png").exists()
+    sweep.summarize(s, training_error=True, print_table=False)
+    assert (s / "training_error.png").is_file()
+
+
+def test_callback_leaves_single_runs_alone(tmp_path: Path):
+    from hydra.types import RunMode
+
+    from resnet_cli.sweep import SweepSummary
+
+    cfg = OmegaConf.create({"hydra": {"mode": RunMode.RUN, "runtime": {"output_dir": str(tmp_path)},
+                                      "sweep": {"dir": str(tmp_path)}}})
+    SweepSummary().on_job_end(cfg, job_return=None)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture
+def hydra_job(tmp_path: Path):
+    """Sets HydraConfig as run_job does for job 3 of a sweep; yields a setter for the sweeper."""
+    from hydra.conf import HydraConf
+    from hydra.core.hydra_config import HydraConfig
+
+    saved = HydraConfig.instance().cfg
+
+    def set_sweeper(target: str) -> None:
+        cfg = OmegaConf.create({"hydra": OmegaConf.structured(HydraConf)})
+        cfg.hydra.runtime.output_dir = str(tmp_path)
+        cfg.hydra.job.num = 3
+        cfg.hydra.sweeper = {"_target_": target}
+        HydraConfig.instance().set_config(cfg)
+
+    yield set_sweeper
+    HydraConfig.instance().cfg = saved
+
+
+def test_sweep_job_returns_or_records_failures(tmp_path: Path, hydra_job, monkeypatch):
+    from resnet_cli import sweep
+    from resnet_cli.engine import NonFiniteLoss
+
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    hydra_job(sweep.BASIC_SWEEPER)
+    assert sweep.sweep_job(lambda cfg: {"best_test_acc": 0.5, "model": "x"}, None) == 0.5  # Optuna's objective
+
+    def diverge(cfg):
+        raise NonFiniteLoss(1, 2, float("nan"))
+
+    failure = sweep.sweep_job(diverge, None)  # the basic sweeper gets a value and goes on
+    assert isinstance(failure, sweep.JobFailure) and failure.error.startswith("loss became nan at epoch 1")
+    assert (tmp_path / "error.txt").read_text().startswith("loss became nan")
+
+    def bug(cfg):
+        raise KeyError("oops")
+
+    hydra_job("hydra_plugins.hydra_optuna_sweeper.optuna_sweeper.OptunaSweeper")
+    with pytest.raises(sweep.SweepJobError, match="KeyError: 'oops'"):  # other sweepers count failures
+        sweep.sweep_job(bug, None)
+    assert "Traceback" in (tmp_path / "error.txt").read_text()  # a real bug keeps its traceback
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "1")
+    with pytest.raises(KeyError):
+        sweep.sweep_job(bug, None)
+
+
+# ---------------------------------------------------------------- presets and extras compose
+
+def test_depth_lr_sweep_preset():
+    from resnet_cli.cli import validate
+
+    cfg = compose_train(["experiment=depth_lr_sweep"])
+    params = OmegaConf.to_container(cfg.hydra.sweeper.params)
+    assert params == {"model": "resnet18,resnet34,resnet50", "lr": "0.01,0.05,0.1"}
+    jobs = _expand(params, ["experiment=depth_lr_sweep", "data=synthetic"])
+    assert len(jobs) == 9 and ["model=resnet50", "lr=0.1", "experiment=depth_lr_sweep", "data=synthetic"] in jobs
+    for job in jobs[::4]:
+        cfg = validate("train", job, multirun=True)
+        assert cfg.model.name == job[0].split("=")[1] and cfg.lr == float(job[1].split("=")[1])
+    # a command-line sweep of the same key replaces the preset's list
+    assert len(_expand(params, ["experiment=depth_lr_sweep", "lr=0.2"])) == 3
+
+
+def test_degradation_preset():
+    from resnet_cli.cli import validate
+
+    cfg = compose_train(["experiment=degradation", "data=synthetic"])
+    assert cfg.hydra.sweeper.params.model == "plain20,plain56,resnet20,resnet56"
+    assert cfg.hydra.callbacks.sweep_summary.training_error is True
+    jobs = _expand(OmegaConf.to_container(cfg.hydra.sweeper.params), ["experiment=degradation", "data=synthetic"])
+    assert [validate("train", job, multirun=True).model.residual for job in jobs] == [False, False, True, True]
+
+
+def test_callback_is_registered():
+    cfg = compose_train([])
+    assert cfg.hydra.callbacks.sweep_summary._target_ == "resnet_cli.sweep.SweepSummary"
+    assert cfg.hydra.sweeper._target_.endswith("BasicSweeper")  # hparams_search: null changes nothing
+
+
+def test_lr_optuna_composes():
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    cfg = compose_train(["hparams_search=lr_optuna"])
+    sw = cfg.hydra.sweeper
+    assert sw._target_.endswith("OptunaSweeper") and sw.direction == "maximize" and sw.n_trials >= 8
+    assert sw.params.lr.replace(" ", "").startswith("tag(log,interval(")
+    assert sw.max_failure_rate == 1.0
+
+
+def test_slurm_gpu_launcher_composes():
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    launcher = compose_train(["hydra/launcher=slurm_gpu"]).hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher")
+    assert (launcher.nodes, launcher.gpus_per_node, launcher.tasks_per_node) == (1, 1, 1)
+    assert launcher.timeout_min > 0 and launcher.cpus_per_task >= 1
+
+
+# ---------------------------------------------------------------- real sweeps
+
+@pytest.mark.slow
+@needs_sweep_job
+def test_multirun_with_a_failing_job(tmp_path: Path):
+    """4 jobs; the two at lr=1e30 diverge at run time (NonFiniteLoss). The sweep goes on, the
+    summary has every job, and the command exits 1 naming the failures."""
+    proc = run_cli("resnet-train", "-m", *SMALL, "model=resnet20,plain20", "lr=0.1,1e30", cwd=tmp_path, timeout=300)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "2 of 4 sweep jobs failed" in proc.stderr.splitlines()[-1]
+    sweep_dir = _only_sweep_dir(tmp_path)
+    rows = _csv(sweep_dir / "summary.csv")
+    assert [(r["job"], r["model"], r["lr"]) for r in rows] == [
+        ("0", "resnet20", "0.1"), ("1", "resnet20", "1e+30"), ("2", "plain20", "0.1"), ("3", "plain20", "1e+30")]
+    assert [r["status"] for r in rows] == ["ok", "failed", "ok", "failed"]
+    for r in rows:
+        if r["status"] == "failed":
+            assert r["error"].startswith("loss became") and r["best_test_acc"] == ""
+            assert (Path(r["dir"]) / "error.txt").is_file()
+        else:
+            assert float(r["best_test_acc"]) >= 0 and r["epochs_done"] == "1" and int(r["parameters"]) > 0
+    doc = json.loads((sweep_dir / "summary.json").read_text())
+    best = max((j for j in doc["jobs"] if j["status"] == "ok"), key=lambda j: (j["best_test_acc"], -j["job"]))
+    assert doc["best_job"] == best["job"] and (doc["n_jobs"], doc["n_failed"]) == (4, 2)
+    assert f"best: job {best['job']}  model={best['model']} lr=0.1" in proc.stdout
+    assert "4 jobs, 2 ok, 2 failed" in proc.stdout
+    for name in ("summary.png", "training_error.png"):
+        assert (sweep_dir / name).read_bytes().startswith(PNG)
+
+
+@pytest.mark.slow
+def test_joblib_launcher_runs_a_sweep(tmp_path: Path):
+    pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
+    proc = run_cli("resnet-train", "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", *SMALL,
+                   "model=resnet20,plain20", cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "Joblib.Parallel(n_jobs=2" in proc.stdout
+    sweep_dir = _only_sweep_dir(tmp_path)
+    rows = _csv(sweep_dir / "summary.csv")
+    assert [(r["job"], r["model"], r["status"]) for r in rows] == [("0", "resnet20", "ok"), ("1", "plain20", "ok")]
+    assert all((sweep_dir / r["job"] / "results.json").is_file() for r in rows)
+    assert "best: job " in proc.stdout and (sweep_dir / "summary.png").is_file()
+
+
+@pytest.mark.slow
+@needs_sweep_job
+def test_optuna_lr_search_runs(tmp_path: Path):
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    proc = run_cli("resnet-train", "-m", "hparams_search=lr_optuna", "hydra.sweeper.n_trials=2", *SMALL,
+                   "model=resnet20", cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    sweep_dir = _only_sweep_dir(tmp_path)
+    result = OmegaConf.load(sweep_dir / "optimization_results.yaml")
+    rows = _csv(sweep_dir / "summary.csv")
+    assert len(rows) == 2 and all(r["status"] == "ok" for r in rows)
+    assert result.best_value == max(float(r["best_test_acc"]) for r in rows)  # the task returned best_test_acc
+    assert 0.001 <= result.best_params.lr <= 1.0

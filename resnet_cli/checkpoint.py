@@ -11,9 +11,7 @@ import contextlib
 import io
 import json
 import os
-import pickle
 import tempfile
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +22,24 @@ FORMAT = "resnet-cli/1"
 
 class CheckpointError(RuntimeError):
     """A checkpoint that is missing, unreadable or not ours; the message names the file."""
+
+
+class OutputError(RuntimeError):
+    """A result that could not be written (folder not writable, disk full)."""
+
+
+def writable_folder_error(folder: str | os.PathLike) -> str | None:
+    """Why `folder` (existing or to be made) cannot hold a run's files, or None if it can."""
+    probe = Path(folder).expanduser().absolute()
+    while not probe.exists():
+        if probe == probe.parent:
+            break
+        probe = probe.parent
+    if not probe.is_dir():
+        return f"{probe} is not a folder"
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return f"no permission to write in {probe}"
+    return None
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -63,7 +79,11 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
 def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
     buf = io.BytesIO()
     torch.save({"format": FORMAT, **state}, buf)
-    atomic_write_bytes(path, buf.getvalue())
+    try:
+        atomic_write_bytes(path, buf.getvalue())
+    except OSError as e:
+        kept = " the previous one is intact" if Path(path).exists() else ""
+        raise OutputError(f"cannot write checkpoint {path}: {e.strerror or e};{kept}") from None
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -72,7 +92,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         raise CheckpointError(f"checkpoint {path}: no such file")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
-    except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, RuntimeError, ValueError, OSError) as e:
+    except Exception as e:  # the unpickler fails in many ways (even IndexError) on damaged input
         text = str(e).strip()
         first = text.splitlines()[0] if text else type(e).__name__
         # torch wraps every weights-only failure in the same long text; the line after

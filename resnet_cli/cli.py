@@ -24,12 +24,12 @@ _VALUE_FLAGS = {"--config-path", "-cp", "--config-name", "-cn", "--config-dir", 
 
 
 def _user_error_types() -> tuple[type[BaseException], ...]:
-    from .checkpoint import CheckpointError
+    from .checkpoint import CheckpointError, OutputError
     from .config import ConfigError
     from .data import DataError
     from .models import ModelConfigError
 
-    return ConfigError, ModelConfigError, DataError, CheckpointError
+    return ConfigError, ModelConfigError, DataError, CheckpointError, OutputError
 
 
 def fail(message: str, code: int = EXIT_USAGE) -> None:
@@ -42,12 +42,14 @@ def user_errors() -> Iterator[None]:
     """Known bad input -> one line, exit 2. Anything else propagates (a real bug)."""
     from .engine import NonFiniteLoss
 
+    from .checkpoint import OutputError
+
     try:
         yield
     except _user_error_types() as e:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
-        fail(str(e))
+        fail(str(e), code=1 if isinstance(e, OutputError) else EXIT_USAGE)
     except NonFiniteLoss as e:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
@@ -114,7 +116,7 @@ def _close_key(key: str) -> str:
     return hint + f" (keys{' of ' + where if where else ''}: {', '.join(node.keys())})"
 
 
-def compose(config_name: str, overrides: list[str]) -> DictConfig:
+def compose(config_name: str, overrides: list[str], with_hydra: bool = False) -> DictConfig:
     """The config Hydra would give the app, composed without running it (no run folder)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
@@ -125,7 +127,7 @@ def compose(config_name: str, overrides: list[str]) -> DictConfig:
     register_schemas()
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3", job_name=config_name):
         try:
-            return hydra_compose(config_name=config_name, overrides=overrides)
+            return hydra_compose(config_name=config_name, overrides=overrides, return_hydra_config=with_hydra)
         except Exception as e:  # Hydra and OmegaConf raise many types; all are bad input here
             if os.environ.get("HYDRA_FULL_ERROR") == "1":
                 raise
@@ -177,7 +179,22 @@ def validate(config_name: str, overrides: list[str], multirun: bool) -> DictConf
             from .engine import resolve_device
 
             resolve_device(cfg.trainer.device)
+    if config_name == "train":
+        _check_output_folder(overrides, multirun)
     return cfg
+
+
+def _check_output_folder(overrides: list[str], multirun: bool) -> None:
+    from .checkpoint import writable_folder_error
+
+    fixed = [o for o in overrides if o.startswith("hydra.")]
+    hcfg = compose("train", fixed, with_hydra=True).hydra
+    key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+    folder = hcfg.sweep.dir if multirun else hcfg.run.dir
+    why = writable_folder_error(folder)
+    if why:
+        raise _config_error(f"{key}={folder}: cannot create the run folder ({why}); "
+                          "run from a writable folder or set hydra.run.dir=")
 
 
 def _quote(value: str) -> str:
@@ -191,7 +208,7 @@ def prepare_train_argv(argv: list[str], dinfo) -> list[str]:
       resume=DIR` continues the same experiment), write into that run folder, and keep its
       .hydra/ record as it was;
     - torchrun: every rank writes into rank 0's run folder; only rank 0 logs to it."""
-    from .checkpoint import resolve_resume
+    from .checkpoint import load_checkpoint, resolve_resume
 
     flags, overrides = split_argv(argv)
     multirun = "-m" in flags or "--multirun" in flags
@@ -202,7 +219,8 @@ def prepare_train_argv(argv: list[str], dinfo) -> list[str]:
     if resume and resume.lower() not in ("null", "none", ""):
         if multirun:
             raise _config_error("resume: cannot be combined with --multirun; resume one run at a time")
-        run_dir, _ = resolve_resume(resume)
+        run_dir, ckpt = resolve_resume(resume)
+        load_checkpoint(ckpt)  # refuse a damaged or foreign file before anything is written
         previous = run_dir / ".hydra" / "overrides.yaml"
         if previous.is_file():
             old = [o for o in OmegaConf.load(previous) if not str(o).startswith(("resume=", "hydra"))]

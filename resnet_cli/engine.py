@@ -16,9 +16,9 @@ from .config import ConfigError
 
 
 class NonFiniteLoss(RuntimeError):
-    def __init__(self, epoch: int, step: int, value: float):
+    def __init__(self, epoch: int, step: int, value: float, what: str = "loss"):
         super().__init__(
-            f"loss became {value} at epoch {epoch}, step {step}; the last good checkpoint is kept. "
+            f"{what} became {value} at epoch {epoch}, step {step}; checkpoints written before are kept. "
             "Try a lower lr, trainer.precision=fp32, trainer.grad_clip=1.0, "
             "or trainer.skip_nonfinite=true to skip such steps")
         self.epoch, self.step = epoch, step
@@ -146,6 +146,9 @@ def train_one_epoch(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torc
             break
         if ctx.channels_last and x.ndim == 4:
             x = x.contiguous(memory_format=torch.channels_last)
+        # A skipped step must leave no trace, but its forward pass already updated the
+        # BatchNorm running statistics: keep a copy to put back (buffers are small).
+        saved = [b.detach().clone() for b in model.buffers()] if ctx.skip_nonfinite else None
         with autocast(ctx.device, ctx.precision):
             logits = model(x)
             loss = ctx.loss_fn(logits, y)
@@ -155,8 +158,11 @@ def train_one_epoch(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torc
             finite = value == value and abs(value) != float("inf")
             if not finite:
                 if not ctx.skip_nonfinite:
-                    raise NonFiniteLoss(epoch, run.steps, value)
+                    raise NonFiniteLoss(epoch, run.steps + 1, value)
                 run.skipped += 1
+                with torch.no_grad():
+                    for b, old in zip(model.buffers(), saved):
+                        b.copy_(old)
         if finite:
             ctx.optimizer.zero_grad(set_to_none=True)
             if ctx.scaler is not None:
@@ -179,7 +185,7 @@ def train_one_epoch(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torc
         run.steps += 1
         run.seen += y.shape[0]
         if not sync_every_step:
-            pending.append((run.steps - 1, loss.detach()))
+            pending.append((run.steps, loss.detach()))  # 1-based step number
             if len(pending) >= 20:
                 _check_pending(pending, epoch)
         if on_step is not None and run.steps % ctx.report_every == 0:

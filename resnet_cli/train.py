@@ -25,7 +25,7 @@ from .checkpoint import CheckpointError, atomic_write_json, load_checkpoint, res
 from .config import ConfigError, check_values
 from .data import Data, load_data
 from .distributed import DistInfo
-from .engine import (Running, StepContext, evaluate, global_epoch_stats, resolve_device, resolve_precision,
+from .engine import (NonFiniteLoss, Running, StepContext, evaluate, global_epoch_stats, resolve_device, resolve_precision,
                      train_one_epoch)
 from .models import build_model, stage_sizes
 from .models.resnet import ModelSpec
@@ -184,12 +184,26 @@ class Trainer:
         }
 
     def save(self, name: str) -> None:
-        if self.dist.is_main:
-            save_checkpoint(self.run_dir / "checkpoints" / name, self.state())
+        if not self.dist.is_main:
+            return
+        state = self.state()
+        # Never replace a good checkpoint with diverged weights (the loss shows a blow-up
+        # one step after the update that caused it).
+        for key, value in state["model"].items():
+            if value.is_floating_point() and not torch.isfinite(value).all():
+                raise NonFiniteLoss(self.epoch + (1 if self.step else 0), self.step, float("nan"), what=f"weight {key}")
+        save_checkpoint(self.run_dir / "checkpoints" / name, state)
 
 
 def train(cfg: dict[str, Any], run_dir: Path, dinfo: DistInfo = DistInfo()) -> dict[str, Any]:
     """Train as `cfg` says, writing into `run_dir`. Returns the results dict."""
+    # Signals are caught from the start: one that arrives while data loads stops the run
+    # at its first step boundary, like one during training.
+    with StopSignals() as stop:
+        return _train(cfg, run_dir, dinfo, stop)
+
+
+def _train(cfg: dict[str, Any], run_dir: Path, dinfo: DistInfo, stop: StopSignals) -> dict[str, Any]:
     t_start = time.perf_counter()
     check_values(cfg)
     device = resolve_device(cfg["trainer"]["device"], dinfo.local_rank if dinfo.enabled else None)
@@ -229,7 +243,7 @@ def train(cfg: dict[str, Any], run_dir: Path, dinfo: DistInfo = DistInfo()) -> d
     loss_fn = nn.CrossEntropyLoss(label_smoothing=float(tcfg["label_smoothing"]))
     ctx = StepContext(optimizer, scheduler, loss_fn, device, precision, scaler, tcfg["grad_clip"],
                       tcfg["skip_nonfinite"], tcfg["channels_last"],
-                      report_every=1 if device.type == "cpu" else 25)
+                      report_every=1 if device.type == "cpu" or tcfg["checkpoint_every_steps"] else 25)
     tr = Trainer(model, core, ctx, data, cfg, run_dir, dinfo)
     metrics = MetricsFile(run_dir / "metrics.jsonl")
     rows: list[dict[str, Any]] = []
@@ -252,46 +266,45 @@ def train(cfg: dict[str, Any], run_dir: Path, dinfo: DistInfo = DistInfo()) -> d
 
     mode = progress_mode(tcfg["progress"]) if dinfo.is_main else "none"
     every = tcfg["checkpoint_every_steps"]
-    with StopSignals() as stop:
-        while tr.epoch < cfg["epochs"]:
-            epoch = tr.epoch + 1
-            tr.running = tr.running or Running()
-            t_epoch = time.perf_counter() - tr.running.train_seconds
-            with epoch_progress(mode, epoch, cfg["epochs"], steps_per_epoch, tr.step) as update:
-                def on_step(run: Running) -> None:
-                    tr.step = run.steps
-                    if run.steps and run.train_seconds:
-                        update(run.steps, run.loss_sum / max(run.counted, 1), run.correct / max(run.counted, 1),
-                               run.seen / run.train_seconds)
-                    if every and run.steps % every == 0 and run.steps < steps_per_epoch:
-                        tr.save("last.pt")
+    while tr.epoch < cfg["epochs"]:
+        epoch = tr.epoch + 1
+        tr.running = tr.running or Running()
+        t_epoch = time.perf_counter() - tr.running.train_seconds
+        with epoch_progress(mode, epoch, cfg["epochs"], steps_per_epoch, tr.step) as update:
+            def on_step(run: Running) -> None:
+                tr.step = run.steps
+                if run.steps and run.train_seconds:
+                    update(run.steps, run.loss_sum / max(run.counted, 1), run.correct / max(run.counted, 1),
+                           run.seen / run.train_seconds)
+                if every and run.steps % every == 0 and run.steps < steps_per_epoch:
+                    tr.save("last.pt")
 
-                def should_stop() -> bool:
-                    return distributed.any_rank(stop.signum is not None, device) if dinfo.enabled \
-                        else stop.signum is not None
+            def should_stop() -> bool:
+                return distributed.any_rank(stop.signum is not None, device) if dinfo.enabled \
+                    else stop.signum is not None
 
-                run = train_one_epoch(model, data.train.batches(epoch, tr.step), ctx, epoch, tr.running,
-                                      on_step, should_stop)
-            tr.running, tr.step = run, run.steps
-            if run.steps < steps_per_epoch:  # stopped by a signal mid-epoch
-                tr.save("last.pt")
-                if dinfo.is_main:
-                    log.warning("stopped at epoch %d, step %d/%d; saved %s", epoch, run.steps, steps_per_epoch,
-                                run_dir / "checkpoints" / "last.pt")
-                    print(f"resume with: {resume_command(run_dir)}", file=sys.stderr)
-                distributed.shutdown()
-                sys.exit(stop.exit_code)
-            row = _finish_epoch(tr, epoch, t_epoch, precision)
-            rows.append(row)
+            run = train_one_epoch(model, data.train.batches(epoch, tr.step), ctx, epoch, tr.running,
+                                  on_step, should_stop)
+        tr.running, tr.step = run, run.steps
+        if run.steps < steps_per_epoch:  # stopped by a signal mid-epoch
+            tr.save("last.pt")
             if dinfo.is_main:
-                metrics.append(row)
-                log.info(epoch_line(row, cfg["epochs"]))
-                plot_curves(rows, run_dir / "curves.png", f"{spec.name} on {cfg['data']['name']}")
-            if stop.signum is not None and tr.epoch < cfg["epochs"]:
-                if dinfo.is_main:
-                    print(f"resume with: {resume_command(run_dir)}", file=sys.stderr)
-                distributed.shutdown()
-                sys.exit(stop.exit_code)
+                log.warning("stopped at epoch %d, step %d/%d; saved %s", epoch, run.steps, steps_per_epoch,
+                            run_dir / "checkpoints" / "last.pt")
+                print(f"resume with: {resume_command(run_dir)}", file=sys.stderr)
+            distributed.shutdown()
+            sys.exit(stop.exit_code)
+        row = _finish_epoch(tr, epoch, t_epoch, precision)
+        rows.append(row)
+        if dinfo.is_main:
+            metrics.append(row)
+            log.info(epoch_line(row, cfg["epochs"]))
+            plot_curves(rows, run_dir / "curves.png", f"{spec.name} on {cfg['data']['name']}")
+        if stop.signum is not None and tr.epoch < cfg["epochs"]:
+            if dinfo.is_main:
+                print(f"resume with: {resume_command(run_dir)}", file=sys.stderr)
+            distributed.shutdown()
+            sys.exit(stop.exit_code)
 
     results = _results(rows, tr, n_params, device, precision, time.perf_counter() - t_start)
     if dinfo.is_main:
@@ -385,8 +398,15 @@ def _task(cfg, dinfo: DistInfo) -> dict[str, Any]:
 
     from .config import to_container
 
+    from .checkpoint import OutputError
+
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    return train(to_container(cfg), run_dir, dinfo)
+    try:
+        return train(to_container(cfg), run_dir, dinfo)
+    except OSError as e:
+        if e.filename is None or not str(e.filename).startswith(str(run_dir)):
+            raise
+        raise OutputError(f"cannot write {e.filename}: {e.strerror}; files written before are intact") from None
 
 
 if __name__ == "__main__":

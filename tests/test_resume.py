@@ -1,0 +1,243 @@
+"""Never lose a run: exact resume after a real SIGINT, atomic writes, non-finite losses,
+bad checkpoints, unwritable folders, and one-line errors for bad command lines."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from resnet_cli import checkpoint as ckpt_mod
+from resnet_cli.checkpoint import CheckpointError, OutputError, load_checkpoint, save_checkpoint
+
+from conftest import command, run_cli
+
+# 32 steps per epoch: long enough for a signal to land mid-epoch.
+TINY = ["data=synthetic", "data.train_size=512", "data.test_size=64", "batch_size=16", "model=resnet20",
+        "trainer.progress=plain", "epochs=3", "trainer.eval_batch_size=64"]
+TIMING = {"epoch_time_s", "train_images_per_s", "eval_time_s"}
+
+
+def only_run(root: Path) -> Path:
+    (run,) = [p.parent for p in root.glob("outputs/*/*/.hydra")]
+    return run
+
+
+def untimed(run: Path) -> list[dict]:
+    path = run / "metrics.jsonl"
+    rows = [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
+
+
+def weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_checkpoint(run / "checkpoints" / "last.pt")["model"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> Path:
+    cwd = tmp_path_factory.mktemp("straight")
+    run_cli("resnet-train", *TINY, cwd=cwd, check=True)
+    return only_run(cwd)
+
+
+def _interrupt(cwd: Path, sig: int, after_rows: int, extra_wait: float) -> subprocess.CompletedProcess:
+    proc = subprocess.Popen([command("resnet-train"), *TINY], cwd=cwd, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        runs = list(cwd.glob("outputs/*/*/metrics.jsonl"))
+        if runs and len(runs[0].read_text().splitlines()) >= after_rows:
+            break
+        if after_rows == 0 and list(cwd.glob("outputs/*/*/train.log")):
+            break
+        time.sleep(0.05)
+    time.sleep(extra_wait)
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=300)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+@pytest.mark.parametrize("sig,code,after_rows,wait", [
+    (signal.SIGINT, 130, 1, 0.3),   # during epoch 2
+    (signal.SIGTERM, 143, 0, 1.5),  # during epoch 1
+])
+def test_interrupt_then_resume_equals_an_uninterrupted_run(uninterrupted, tmp_path, sig, code, after_rows, wait):
+    proc = _interrupt(tmp_path, sig, after_rows, wait)
+    run = only_run(tmp_path)
+    if proc.returncode == 0:
+        pytest.skip("the run finished before the signal arrived (machine too fast for this timing)")
+    assert proc.returncode == code, proc.stderr
+    assert f"resume with: resnet-train resume={run}" in proc.stderr
+    assert (run / "checkpoints" / "last.pt").is_file()
+    done = len(untimed(run))
+    assert done < 3
+
+    resumed = run_cli("resnet-train", f"resume={run}", cwd=tmp_path, check=True)
+    assert "resumed from epoch" in resumed.stdout
+    assert untimed(run) == untimed(uninterrupted)
+    a, b = weights(run), weights(uninterrupted)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # the log was appended to, not replaced
+    log = (run / "train.log").read_text()
+    assert "stopping after this step" in log and "resumed from epoch" in log
+    # the run's original record is kept
+    assert "resume=" not in (run / ".hydra" / "overrides.yaml").read_text()
+
+
+def test_resume_with_a_different_model_names_the_difference(uninterrupted, tmp_path):
+    before = (uninterrupted / "metrics.jsonl").read_bytes()
+    proc = run_cli("resnet-train", f"resume={uninterrupted}", "model=resnet32", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: model.") and "differs from the checkpoint" in proc.stderr
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+    assert (uninterrupted / "metrics.jsonl").read_bytes() == before
+
+
+def test_resume_may_extend_epochs(uninterrupted, tmp_path):
+    import shutil
+
+    run = tmp_path / "copy"
+    shutil.copytree(uninterrupted, run)
+    run_cli("resnet-train", f"resume={run}", "epochs=4", cwd=tmp_path, check=True)
+    rows = untimed(run)
+    assert [r["epoch"] for r in rows] == [1, 2, 3, 4]
+    assert rows[:3] == untimed(uninterrupted)
+
+
+@pytest.mark.parametrize("content,needle", [
+    (b"this is not a checkpoint", "cannot be read"),
+    ("truncated", "cannot be read"),
+    ("foreign", "refused for safety"),
+    ("plain", "not a resnet-cli checkpoint"),
+])
+def test_bad_checkpoints_are_refused_in_one_line(uninterrupted, tmp_path, content, needle):
+    path = tmp_path / "bad.pt"
+    if content == "truncated":
+        data = (uninterrupted / "checkpoints" / "last.pt").read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+    elif content == "foreign":
+        import datetime
+
+        torch.save({"model": datetime.datetime.now()}, path)  # a pickled class, not plain data
+    elif content == "plain":
+        torch.save({"weights": torch.zeros(3)}, path)
+    else:
+        path.write_bytes(content)
+    before = path.read_bytes()
+    proc = run_cli("resnet-train", f"resume={path}", "data=synthetic", cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith(f"error: checkpoint {path}") and needle in proc.stderr, proc.stderr
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+    assert path.read_bytes() == before
+    with pytest.raises(CheckpointError):
+        load_checkpoint(path)
+
+
+def test_atomic_save_survives_a_crash_mid_write(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    save_checkpoint(path, {"model": {"w": torch.ones(3)}, "config": {}, "epoch": 1})
+
+    def crash(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ckpt_mod.os, "fsync", crash)
+    with pytest.raises(OutputError, match="No space left on device.*previous one is intact"):
+        save_checkpoint(path, {"model": {"w": torch.zeros(3)}, "config": {}, "epoch": 2})
+    monkeypatch.undo()
+    state = load_checkpoint(path)
+    assert state["epoch"] == 1 and torch.equal(state["model"]["w"], torch.ones(3))
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temp file left behind
+
+
+def test_non_finite_loss_stops_with_a_useful_message(tmp_path):
+    proc = run_cli("resnet-train", *TINY, "lr=1e6", "scheduler=none", "trainer.precision=fp32",
+                   "trainer.checkpoint_every_steps=1", cwd=tmp_path)
+    assert proc.returncode == 1
+    assert proc.stderr.startswith("error: ") and " became nan at epoch 1, step" in proc.stderr
+    assert proc.stderr.count("\n") == 1
+    assert "lower lr" in proc.stderr and "Traceback" not in proc.stderr
+    run = only_run(tmp_path)
+    state = load_checkpoint(run / "checkpoints" / "last.pt")  # the last good step, intact
+    assert state["step"] >= 1 and all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_skip_nonfinite_skips_bad_steps_without_a_trace():
+    from torch import nn
+
+    from resnet_cli.engine import StepContext, train_one_epoch
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    good = [(torch.randn(8, 1, 8, 8), torch.randint(0, 3, (8,))) for _ in range(3)]
+    bad = (torch.full((8, 1, 8, 8), float("nan")), torch.zeros(8, dtype=torch.int64))
+    ctx = StepContext(opt, None, nn.CrossEntropyLoss(), torch.device("cpu"), "fp32", skip_nonfinite=True,
+                      channels_last=False)
+    run = train_one_epoch(model, [good[0], bad, good[1], bad, good[2]], ctx, epoch=1)
+    assert run.skipped == 2 and run.steps == 5 and run.counted == 24
+    assert all(torch.isfinite(t).all() for t in model.state_dict().values() if t.is_floating_point())
+
+    ctx.skip_nonfinite = False
+    from resnet_cli.engine import NonFiniteLoss
+
+    with pytest.raises(NonFiniteLoss, match="epoch 2, step 2"):
+        train_one_epoch(model, [good[0], bad], ctx, epoch=2)
+
+
+def test_unwritable_output_folder_is_refused_before_running(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    proc = run_cli("resnet-train", "data=synthetic", f"hydra.run.dir={blocker}/run", cwd=tmp_path)
+    assert proc.returncode == 2 and "cannot create the run folder" in proc.stderr
+    assert proc.stderr.count("\n") == 1 and blocker.read_text() == "x"
+
+
+BAD_COMMAND_LINES = [
+    (["lr=0"], "lr=0"),
+    (["lr=-0.1"], "lr=-0.1"),
+    (["lr=fast"], "lr=fast"),
+    (["epochs=0"], "epochs=0"),
+    (["epochs=1.5"], "epochs=1.5"),
+    (["batch_size=0"], "batch_size=0"),
+    (["lrr=0.1"], "did you mean lr"),
+    (["trainer.precison=bf16"], "trainer.precison"),
+    (["model=resnet19"], "choose from"),
+    (["data=imagenet"], "unknown option for data"),
+    (["optimizer=lamb"], "unknown option for optimizer"),
+    (["data.limit_train=0"], "data.limit_train=0"),
+    (["data.limit_test=-5"], "data.limit_test=-5"),
+    (["optimizer.momentum=1.0"], "optimizer.momentum=1.0"),
+    (["trainer.label_smoothing=1.0"], "trainer.label_smoothing=1.0"),
+    (["trainer.precision=fp8"], "choose from auto, fp32, bf16, fp16"),
+    (["trainer.device=cuda"], "CUDA is not available"),
+    (["trainer.device=tpu"], "trainer.device=tpu"),
+    (["model.block=fancy"], "model.block=fancy"),
+    (["model.layers=[2,2,2]"], "model.layers has 3 stages"),
+    (["data.augment=heavy"], "data.augment=heavy"),
+    (["data=fashion_mnist", "data.download=false", "data.root=/does/not/exist"], "data.root=/does/not/exist"),
+    (["resume=/no/such/run"], "resume=/no/such/run"),
+    (["scheduler.warmup_epochs=20"], "scheduler.warmup_epochs=20"),
+    (["-m", "lr=0.1,-1"], "lr=-1"),
+]
+
+
+@pytest.mark.parametrize("args,needle", BAD_COMMAND_LINES, ids=[" ".join(a) for a, _ in BAD_COMMAND_LINES])
+def test_bad_command_lines_fail_in_one_line(tmp_path, args, needle):
+    prefix = [] if any(a.startswith("data=") for a in args) else ["data=synthetic"]
+    proc = run_cli("resnet-train", *prefix, *args, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1, proc.stderr
+    assert needle in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert not (tmp_path / "outputs").exists() and not (tmp_path / "multirun").exists()
+
+
+def test_full_error_shows_the_traceback_when_asked(tmp_path):
+    proc = run_cli("resnet-train", "data=synthetic", "lr=0", cwd=tmp_path, env={"HYDRA_FULL_ERROR": "1"})
+    assert proc.returncode != 0 and "Traceback" in proc.stderr

@@ -394,6 +394,11 @@ def plot_summary(path: Path, rows: list[dict[str, Any]], swept: list[str], title
         ax.set_xscale("log")
         shown = [x_of(r) for r in rows if _lr(r) is not None]
         ax.set_xlim(min(shown) / 1.4, max(shown) * 1.4)
+        if len(set(ok_lrs)) <= 8:  # a grid: ticks at the swept values, written plainly
+            from matplotlib.ticker import NullFormatter
+
+            ax.set_xticks(sorted(set(ok_lrs)), [f"{v:g}" for v in sorted(set(ok_lrs))])
+            ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("learning rate")
         ax.set_ylim(-0.03, 1.0)
     else:  # lr was not swept: one bar per job
@@ -474,6 +479,10 @@ _SHOWN = {"best_test_acc": "best acc", "final_test_acc": "final acc", "final_tra
           "epochs_done": "epochs", "wall_time_s": "time s", "parameters": "params"}
 
 
+def _clip(text: str, n: int) -> str:
+    return text if len(text) <= n else text[:n - 3] + "..."
+
+
 def _shown_path(p: Path) -> Path:
     """Relative to the working directory when under it (shorter to read and to copy)."""
     try:
@@ -492,7 +501,7 @@ def render_table(rows: list[dict[str, Any]], swept: list[str], sweep_dir: Path, 
     for r in ordered:
         cells = ["*" if r is best else "", str(r["job"])]
         cells += [_fmt(k, r["_swept"].get(k) if k in swept else r.get(k)) for k in keys]
-        cells += [r["status"]] + [_fmt(k, r.get(k)) for k in _SHOWN] + [(r.get("error") or "")[:70]]
+        cells += [r["status"]] + [_fmt(k, r.get(k)) for k in _SHOWN] + [_clip(r.get("error") or "", 70)]
         body.append(cells)
     n_failed = sum(r["status"] != "ok" for r in rows)
     sweep_dir = _shown_path(sweep_dir)

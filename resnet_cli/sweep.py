@@ -76,13 +76,13 @@ class SweepJobError(RuntimeError):
 
 
 def _known_errors() -> tuple[type[BaseException], ...]:
-    from .checkpoint import CheckpointError
+    from .checkpoint import CheckpointError, OutputError
     from .config import ConfigError
     from .data import DataError
     from .engine import NonFiniteLoss
     from .models import ModelConfigError
 
-    return ConfigError, ModelConfigError, DataError, CheckpointError, NonFiniteLoss
+    return ConfigError, ModelConfigError, DataError, CheckpointError, OutputError, NonFiniteLoss
 
 
 def error_line(e: BaseException) -> str:

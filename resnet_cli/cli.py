@@ -187,8 +187,10 @@ def validate(config_name: str, overrides: list[str], multirun: bool) -> DictConf
 def _check_output_folder(overrides: list[str], multirun: bool) -> None:
     from .checkpoint import writable_folder_error
 
-    fixed = [o for o in overrides if o.startswith("hydra.")]
-    hcfg = compose("train", fixed, with_hydra=True).hydra
+    # one whole job: launcher/sweeper groups (hydra/launcher=joblib, hparams_search=...) decide
+    # which hydra.* keys exist, so composing the hydra.* overrides alone rejects valid ones
+    job = _sweep_jobs(overrides)[0] if multirun else overrides
+    hcfg = compose("train", job, with_hydra=True).hydra
     key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
     folder = hcfg.sweep.dir if multirun else hcfg.run.dir
     why = writable_folder_error(folder)
@@ -255,6 +257,15 @@ def run_hydra_app(config_name: str, task: Callable[[DictConfig, Any], Any]) -> N
     register_schemas()
 
     def _job(cfg: DictConfig) -> Any:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            # A failing job becomes a failed row of the sweep's summary and the other jobs
+            # still run (a SystemExit here would stop the whole sweep): see resnet_cli/sweep.py.
+            from .sweep import sweep_job
+
+            return sweep_job(task, cfg, dinfo)
         with user_errors():
             return task(cfg, dinfo)
 
@@ -262,3 +273,8 @@ def run_hydra_app(config_name: str, task: Callable[[DictConfig, Any], Any]) -> N
         hydra.main(version_base="1.3", config_path=str(config_dir()), config_name=config_name)(_job)()
     finally:
         distributed.shutdown()
+    from .sweep import failed_jobs_message
+
+    failed = failed_jobs_message()  # set by the SweepSummary callback at the end of a multirun
+    if failed:
+        fail(failed, code=1)

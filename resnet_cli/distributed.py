@@ -61,3 +61,17 @@ def any_rank(flag: bool, device: torch.device) -> bool:
     t = torch.tensor([1 if flag else 0], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
+
+
+def params_identical(model: torch.nn.Module) -> bool:
+    """Every rank holds bit-identical parameters and buffers (DDP's promise, checked once at
+    the end of a run by comparing against rank 0's copy)."""
+    if not dist.is_initialized():
+        return True
+    tensors = [t.detach() for t in model.state_dict().values() if t.is_floating_point()]
+    flat = torch.cat([t.reshape(-1).float() for t in tensors])
+    reference = flat.clone()
+    dist.broadcast(reference, src=0)
+    mismatch = torch.tensor([0 if torch.equal(flat, reference) else 1], device=flat.device)
+    dist.all_reduce(mismatch)
+    return int(mismatch.item()) == 0

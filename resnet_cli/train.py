@@ -257,9 +257,10 @@ def _train(cfg: dict[str, Any], run_dir: Path, dinfo: DistInfo, stop: StopSignal
                  f", {dinfo.world} processes" if dinfo.enabled else "", precision, tcfg["channels_last"])
         log.info("model %s: %s parameters, input %dx%dx%d, %d classes", spec.name, f"{n_params:,}", in_ch,
                  data.prep.size, data.prep.size, ncls)
-        log.info("data %s: %s train / %s test images, %s pipeline, batch %d, %d steps/epoch",
+        per = f" per process ({cfg['batch_size'] * dinfo.world} in all)" if dinfo.enabled else ""
+        log.info("data %s: %s train / %s test images, %s pipeline, batch %d%s, %d steps/epoch",
                  cfg["data"]["name"], f"{data.num_train:,}", f"{data.num_test:,}", data.pipeline,
-                 cfg["batch_size"], steps_per_epoch)
+                 cfg["batch_size"], per, steps_per_epoch)
         log.info("run dir %s", run_dir)
         if resume_ckpt is not None:
             log.info("resumed from epoch %d step %d", tr.epoch, tr.step)
@@ -306,6 +307,11 @@ def _train(cfg: dict[str, Any], run_dir: Path, dinfo: DistInfo, stop: StopSignal
             distributed.shutdown()
             sys.exit(stop.exit_code)
 
+    if dinfo.enabled:
+        if not distributed.params_identical(core):
+            raise RuntimeError("DDP ranks ended with different parameters; please report this")
+        if dinfo.is_main:
+            log.info("parameters identical on all %d ranks", dinfo.world)
     results = _results(rows, tr, n_params, device, precision, time.perf_counter() - t_start)
     if dinfo.is_main:
         atomic_write_json(run_dir / "results.json", results)

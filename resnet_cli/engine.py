@@ -62,8 +62,6 @@ def cpu_has_native_bf16() -> bool:
 
 def resolve_precision(spec: str, device: torch.device) -> str:
     if spec != "auto":
-        if spec == "fp16" and device.type == "cpu":
-            raise ConfigError("trainer.precision=fp16: not supported on CPU; use bf16 or fp32")
         if spec == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
             raise ConfigError("trainer.precision=bf16: this GPU has no bf16 support; use fp16 or fp32")
         return spec

@@ -204,12 +204,20 @@ def test_failed_download_fails_in_one_line(tmp_path):
 
 
 @pytest.mark.data
-def test_resnet18_learns_fashion_mnist(real_data, tmp_path):
-    """The issue's bar: ResNet-18, 4,000 training images at 28x28, 1 epoch, >= 0.70 on 1,000 test images."""
-    # One epoch is 63 steps: no augmentation, a short warmup and AdamW learn fastest (0.787 here).
-    proc = run_cli("resnet-train", f"data.root={real_data}", "data.resize=null", "data.limit_train=4000",
-                   "data.limit_test=1000", "epochs=1", "batch_size=64", "data.augment=none", "optimizer=adamw",
-                   "lr=0.002", "scheduler.warmup_epochs=0.2", "trainer.progress=plain", cwd=tmp_path, check=True)
-    (run,) = run_dirs(tmp_path)
-    (row,) = metrics(run)
-    assert row["test_acc"] >= 0.70, proc.stdout
+def test_resnet18_learns_fashion_mnist_in_bf16_and_fp32(real_data, tmp_path):
+    """The issue's bar: ResNet-18, 4,000 training images at 28x28, 1 epoch, >= 0.70 on 1,000
+    test images; and bf16 reaches what fp32 does (measured seed-to-seed spread here: ~0.01-0.02)."""
+    accs = {}
+    for precision in ("bf16", "fp32"):
+        cwd = tmp_path / precision
+        cwd.mkdir()
+        # One epoch is 63 steps: no augmentation, a short warmup and AdamW learn fastest.
+        proc = run_cli("resnet-train", f"data.root={real_data}", "data.resize=null", "data.limit_train=4000",
+                       "data.limit_test=1000", "epochs=1", "batch_size=64", "data.augment=none", "optimizer=adamw",
+                       "lr=0.002", "scheduler.warmup_epochs=0.2", f"trainer.precision={precision}",
+                       "trainer.progress=plain", cwd=cwd, check=True)
+        (run,) = run_dirs(cwd)
+        (row,) = metrics(run)
+        assert row["test_acc"] >= 0.70, proc.stdout
+        accs[precision] = row["test_acc"]
+    assert abs(accs["bf16"] - accs["fp32"]) <= 0.04, accs

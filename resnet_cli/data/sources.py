@@ -154,5 +154,5 @@ def synthetic(n: int, channels: int, size: int, num_classes: int, seed: int) -> 
     labels = torch.randint(0, num_classes, (n,), generator=g)
     patterns = torch.rand(num_classes, channels, size, size, generator=g)
     noise = torch.rand(n, channels, size, size, generator=g)
-    images = (0.5 * patterns[labels] + 0.5 * noise) * 255
+    images = (0.7 * patterns[labels] + 0.3 * noise) * 255
     return images.round().to(torch.uint8), labels

@@ -231,6 +231,9 @@ def _train(cfg: dict[str, Any], run_dir: Path, dinfo: DistInfo, stop: StopSignal
     model: nn.Module = core
     if dinfo.enabled:
         if tcfg["sync_batchnorm"]:
+            if device.type != "cuda":
+                raise ConfigError(f"trainer.sync_batchnorm=true: PyTorch's SyncBatchNorm needs CUDA devices, "
+                                  f"this run is on {device.type}; set it to false")
             model = core = nn.SyncBatchNorm.convert_sync_batchnorm(core)
         model = nn.parallel.DistributedDataParallel(core, device_ids=[device.index] if device.type == "cuda" else None)
     if tcfg["compile"]:

@@ -94,15 +94,14 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # the unpickler fails in many ways (even IndexError) on damaged input
         text = str(e).strip()
-        first = text.splitlines()[0] if text else type(e).__name__
         # torch wraps every weights-only failure in the same long text; the line after
         # "WeightsUnpickler error:" says whether the file is damaged or holds foreign objects.
-        detail = text.split("WeightsUnpickler error:", 1)[1].strip().splitlines() \
-            if "WeightsUnpickler error:" in text else []
-        if detail and "global" not in detail[0].lower():
-            first = f"not a PyTorch checkpoint, or damaged ({detail[0]})"
-        elif "weights_only" in text or "Unsupported global" in text:
+        detail = text.split("WeightsUnpickler error:", 1)[1].strip().splitlines()[0] \
+            if "WeightsUnpickler error:" in text else (text.splitlines()[0] if text else "")
+        if "global" in detail.lower():
             first = "it holds pickled objects other than tensors and plain data (refused for safety)"
+        else:
+            first = f"not a PyTorch checkpoint, or damaged ({type(e).__name__}: {detail})"
         raise CheckpointError(f"checkpoint {path}: cannot be read ({first[:160]})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"checkpoint {path}: not a resnet-cli checkpoint (no '{FORMAT}' format tag)")

@@ -21,7 +21,7 @@ from hydra.utils import instantiate
 from torch import nn
 
 from . import distributed
-from .checkpoint import CheckpointError, atomic_write_json, load_checkpoint, resolve_resume, save_checkpoint
+from .checkpoint import atomic_write_json, load_checkpoint, resolve_resume, save_checkpoint
 from .config import ConfigError, check_values
 from .data import Data, load_data
 from .distributed import DistInfo

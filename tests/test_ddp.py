@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import command, run_cli
+from conftest import run_cli
 
 TINY = ["data=synthetic", "data.train_size=256", "data.test_size=100", "batch_size=32", "model=resnet20",
         "trainer.progress=plain", "trainer.device=cpu"]

@@ -4,7 +4,6 @@ bad checkpoints, unwritable folders, and one-line errors for bad command lines."
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import time

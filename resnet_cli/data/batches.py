@@ -64,10 +64,6 @@ class DeviceBatches:
     def __len__(self) -> int:
         return self.order.num_batches()
 
-    @property
-    def num_samples(self) -> int:
-        return self.order.per_rank
-
     def batches(self, epoch: int = 0, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for step, idx in enumerate(self.order.batch_slices(epoch, start), start):
             idx = idx.to(self.device, non_blocking=True)
@@ -102,10 +98,6 @@ class LoaderBatches:
 
     def __len__(self) -> int:
         return self.order.num_batches()
-
-    @property
-    def num_samples(self) -> int:
-        return self.order.per_rank
 
     def batches(self, epoch: int = 0, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         self.sampler.epoch, self.sampler.start = epoch, start

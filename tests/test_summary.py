@@ -256,10 +256,6 @@ def test_bad_input_is_one_line(args, needles, capsys, monkeypatch):
     assert_one_line_error(exit_.value.code, out, err, *needles)
 
 
-@pytest.mark.xfail(reason="ModelSpec.validate lets a bottleneck's inner width round down to 0 "
-                          "(widths x width_per_group / 64 < 1); the forward then fails with IndexError",
-                   raises=IndexError, strict=False)
-@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
 def test_zero_inner_width_is_one_line(capsys, monkeypatch):
     monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
     with pytest.raises(SystemExit) as exit_:

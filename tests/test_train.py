@@ -195,7 +195,8 @@ def test_missing_data_offline_fails_in_one_line(tmp_path):
 def test_failed_download_fails_in_one_line(tmp_path):
     # No network here: torchvision's download fails; the message says where and how.
     empty = tmp_path / "nothing"
-    env = {"RESNET_CLI_DATA": str(empty), "https_proxy": "http://127.0.0.1:9", "http_proxy": "http://127.0.0.1:9"}
+    env = {"RESNET_CLI_DATA": str(empty), "https_proxy": "http://127.0.0.1:9", "http_proxy": "http://127.0.0.1:9",
+           "XDG_CACHE_HOME": str(tmp_path / "cache")}
     proc = run_cli("resnet-train", "epochs=1", "data.limit_train=8", cwd=tmp_path, env=env, timeout=300)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.startswith("error: data.root=") and proc.stderr.count("\n") == 1

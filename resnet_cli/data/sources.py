@@ -94,8 +94,6 @@ def open_torchvision(name: str, root: str | os.PathLike, download: bool,
     cache = Path(cache_dir).expanduser().resolve() if cache_dir else default_cache_dir()
     if _extracted(root, info):
         use_root, fetch = root, False
-    elif _extracted(cache, info):
-        use_root, fetch = cache, False
     elif _archived(root, info):
         # torchvision's download() finds the archives, checks their MD5 and extracts them beside
         # themselves (no network): in place if we may write there, else in the cache.

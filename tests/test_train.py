@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import stat
 from pathlib import Path
@@ -221,3 +222,35 @@ def test_resnet18_learns_fashion_mnist_in_bf16_and_fp32(real_data, tmp_path):
         assert row["test_acc"] >= 0.70, proc.stdout
         accs[precision] = row["test_acc"]
     assert abs(accs["bf16"] - accs["fp32"]) <= 0.04, accs
+
+
+def test_progress_bar_on_a_terminal(tmp_path):
+    """On a terminal: a rich progress bar per epoch (loss, accuracy, images/s, ETA)."""
+    import pty
+    import subprocess
+
+    from conftest import command
+
+    main, child = pty.openpty()
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    env.update(COLUMNS="160", TERM="xterm-256color")
+    args = [a for a in TINY if not a.startswith("trainer.progress")]  # auto: a bar on a terminal
+    proc = subprocess.Popen([command("resnet-train"), *args, "epochs=1", "batch_size=16"], cwd=tmp_path,
+                            stdin=child, stdout=child, stderr=child, env=env, close_fds=True)
+    os.close(child)
+    chunks = []
+    while True:
+        try:
+            data = os.read(main, 65536)
+        except OSError:  # the child closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+    proc.wait(timeout=300)
+    os.close(main)
+    screen = b"".join(chunks).decode(errors="replace")
+    assert proc.returncode == 0, screen
+    assert "\x1b[" in screen  # drawn with terminal control codes
+    assert "img/s" in screen and "loss" in screen and "acc" in screen and "eta" in screen
+    assert "epoch 1/1  train_loss" in screen  # and the summary line stays

@@ -22,13 +22,23 @@ _VALUE_FLAGS = {"--config-path", "-cp", "--config-name", "-cn", "--config-dir", 
                 "-p", "--info", "-i", "--experimental-rerun"}
 
 
-def _user_error_types() -> tuple[type[BaseException], ...]:
+def known_error_types() -> tuple[type[BaseException], ...]:
+    """Errors whose message is already the one line a user should see."""
     from .checkpoint import CheckpointError, OutputError
     from .config import ConfigError
     from .data import DataError
+    from .engine import NonFiniteLoss
     from .models import ModelConfigError
 
-    return ConfigError, ModelConfigError, DataError, CheckpointError, OutputError
+    return ConfigError, ModelConfigError, DataError, CheckpointError, OutputError, NonFiniteLoss
+
+
+def _exit_code(e: BaseException) -> int:
+    from .checkpoint import OutputError
+    from .engine import NonFiniteLoss
+
+    # bad input is a usage error (2); a run that failed while running is a plain failure (1)
+    return 1 if isinstance(e, (OutputError, NonFiniteLoss)) else EXIT_USAGE
 
 
 def fail(message: str, code: int = EXIT_USAGE) -> None:
@@ -38,21 +48,13 @@ def fail(message: str, code: int = EXIT_USAGE) -> None:
 
 @contextmanager
 def user_errors() -> Iterator[None]:
-    """Known bad input -> one line, exit 2. Anything else propagates (a real bug)."""
-    from .engine import NonFiniteLoss
-
-    from .checkpoint import OutputError
-
+    """Known errors -> one line and exit code. Anything else propagates (a real bug)."""
     try:
         yield
-    except _user_error_types() as e:
+    except known_error_types() as e:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
-        fail(str(e), code=1 if isinstance(e, OutputError) else EXIT_USAGE)
-    except NonFiniteLoss as e:
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
-            raise
-        fail(str(e), code=1)
+        fail(str(e), code=_exit_code(e))
 
 
 def split_argv(argv: list[str]) -> tuple[list[str], list[str]]:

@@ -76,13 +76,9 @@ class SweepJobError(RuntimeError):
 
 
 def _known_errors() -> tuple[type[BaseException], ...]:
-    from .checkpoint import CheckpointError, OutputError
-    from .config import ConfigError
-    from .data import DataError
-    from .engine import NonFiniteLoss
-    from .models import ModelConfigError
+    from .cli import known_error_types
 
-    return ConfigError, ModelConfigError, DataError, CheckpointError, OutputError, NonFiniteLoss
+    return known_error_types()
 
 
 def error_line(e: BaseException) -> str:

@@ -295,20 +295,15 @@ def _train(cfg: dict[str, Any], run_dir: Path, dinfo: DistInfo, stop: StopSignal
             if dinfo.is_main:
                 log.warning("stopped at epoch %d, step %d/%d; saved %s", epoch, run.steps, steps_per_epoch,
                             run_dir / "checkpoints" / "last.pt")
-                print(f"resume with: {resume_command(run_dir)}", file=sys.stderr)
-            distributed.shutdown()
-            sys.exit(stop.exit_code)
+            _exit_resumable(run_dir, dinfo, stop.exit_code)
         row = _finish_epoch(tr, epoch, t_epoch, precision)
         rows.append(row)
         if dinfo.is_main:
             metrics.append(row)
             log.info(epoch_line(row, cfg["epochs"]))
             plot_curves(rows, run_dir / "curves.png", f"{spec.name} on {cfg['data']['name']}")
-        if stop.signum is not None and tr.epoch < cfg["epochs"]:
-            if dinfo.is_main:
-                print(f"resume with: {resume_command(run_dir)}", file=sys.stderr)
-            distributed.shutdown()
-            sys.exit(stop.exit_code)
+        if stop.signum is not None and tr.epoch < cfg["epochs"]:  # last.pt of this epoch is saved
+            _exit_resumable(run_dir, dinfo, stop.exit_code)
 
     if dinfo.enabled:
         if not distributed.params_identical(core):
@@ -321,6 +316,13 @@ def _train(cfg: dict[str, Any], run_dir: Path, dinfo: DistInfo, stop: StopSignal
         log.info("best test_acc %.4f at epoch %d; final %.4f; wrote %s", tr.best_acc, tr.best_epoch,
                  rows[-1]["test_acc"] if rows else float("nan"), run_dir)
     return results
+
+
+def _exit_resumable(run_dir: Path, dinfo: DistInfo, code: int) -> None:
+    if dinfo.is_main:
+        print(f"resume with: {resume_command(run_dir)}", file=sys.stderr)
+    distributed.shutdown()
+    sys.exit(code)
 
 
 def _finish_epoch(tr: Trainer, epoch: int, t_epoch: float, precision: str) -> dict[str, Any]:

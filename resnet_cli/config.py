@@ -8,6 +8,8 @@ is read or model built. Both raise ConfigError, whose message is the one line a 
 
 from __future__ import annotations
 
+import difflib
+import inspect
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
@@ -44,6 +46,7 @@ class DataConfig:
     mean: Optional[list[float]] = None
     std: Optional[list[float]] = None
     pipeline: str = "auto"  # memory: decoded once onto the device; loader: DataLoader workers
+    drop_last: bool = True  # full training batches only: one shape for cudnn autotuning and CUDA graphs
     num_workers: Optional[int] = None  # None: sized to the machine
     # synthetic data only
     image_size: int = 28
@@ -122,21 +125,102 @@ def check_values(cfg: Mapping[str, Any]) -> None:
     _check(t["progress"] in PROGRESS, "trainer.progress", t["progress"], f"choose from {', '.join(PROGRESS)}")
     _check(t["checkpoint_every_steps"] is None or t["checkpoint_every_steps"] >= 1,
            "trainer.checkpoint_every_steps", t["checkpoint_every_steps"], "must be >= 1 or null")
-    opt = cfg["optimizer"]
-    _check(bool(opt.get("_target_")), "optimizer", dict(opt), "needs a _target_ (pick optimizer=sgd or adamw)")
-    if "momentum" in opt:
-        _check(0 <= opt["momentum"] < 1, "optimizer.momentum", opt["momentum"], "must be in [0, 1)")
-    if "weight_decay" in opt:
-        _check(opt["weight_decay"] >= 0, "optimizer.weight_decay", opt["weight_decay"], "must be >= 0")
+    opt = _plain(cfg["optimizer"])
+    _check(bool(opt.get("_target_")), "optimizer", opt, "needs a _target_ (pick optimizer=sgd or adamw)")
+    check_target_args("optimizer", opt, filled=("params",), own=OPTIMIZER_KEYS)
+    _check_ranges("optimizer", opt, OPTIMIZER_RANGES)
     if opt.get("nesterov"):
         _check(opt.get("momentum", 0) > 0, "optimizer.nesterov", True, "needs optimizer.momentum > 0")
-    sched = cfg["scheduler"]
+    sched = _plain(cfg["scheduler"])
+    check_target_args("scheduler", sched, filled=("optimizer", "total_steps", "steps_per_epoch"))
+    _check_ranges("scheduler", sched, SCHEDULER_RANGES)
     if "warmup_epochs" in sched:
         _check(0 <= sched["warmup_epochs"] <= cfg["epochs"], "scheduler.warmup_epochs", sched["warmup_epochs"],
                f"must be in [0, epochs={cfg['epochs']}]")
     s = cfg["summary"]
     _check(s["depth"] >= 1, "summary.depth", s["depth"], "must be >= 1")
     _check(s["format"] in ("table", "json"), "summary.format", s["format"], "choose from table, json")
+
+
+# Keys of the optimizer section that resnet-cli reads itself (not passed to the optimizer).
+OPTIMIZER_KEYS = ("decay_norm_bias",)
+# (test, what is allowed) per key, for the keys of torch's optimizers and resnet_cli.schedules.
+OPTIMIZER_RANGES = {
+    "lr": (lambda v: v > 0, "must be > 0"),
+    "momentum": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    "dampening": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    "weight_decay": (lambda v: v >= 0, "must be >= 0"),
+    "eps": (lambda v: v > 0, "must be > 0"),
+    "betas": (lambda v: len(v) == 2 and all(0 <= b < 1 for b in v), "must be two numbers in [0, 1)"),
+}
+SCHEDULER_RANGES = {
+    "warmup_start": (lambda v: 0 < v <= 1, "must be in (0, 1] (a fraction of lr)"),
+    "min_lr_ratio": (lambda v: 0 <= v <= 1, "must be in [0, 1] (a fraction of lr)"),
+    "gamma": (lambda v: 0 < v <= 1, "must be in (0, 1]"),
+    "milestones": (lambda v: all(0 < m < 1 for m in v), "must be fractions of the run, each in (0, 1)"),
+    "pct_start": (lambda v: 0 < v < 1, "must be in (0, 1)"),
+    "div_factor": (lambda v: v > 0, "must be > 0"),
+    "final_div_factor": (lambda v: v > 0, "must be > 0"),
+}
+
+
+def _plain(node: Any) -> dict[str, Any]:
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
+
+
+def _kind(default: Any) -> tuple[tuple[type, ...], str] | None:
+    """What a keyword's default says its values must be (torch's annotations are too loose)."""
+    if isinstance(default, bool):
+        return (bool,), "true or false"
+    if isinstance(default, (int, float)):
+        return (int, float), "a number"
+    if isinstance(default, (list, tuple)):
+        return (list, tuple), "a list"
+    if isinstance(default, str):
+        return (str,), "a string"
+    return None
+
+
+def check_target_args(section: str, node: Mapping[str, Any], filled: tuple[str, ...] = (),
+                      own: tuple[str, ...] = ()) -> None:
+    """The optimizer and scheduler sections are open dicts passed to their `_target_`, so Hydra
+    cannot type them: check each key against the target's signature instead (issue 11), naming
+    the key, before anything runs. `filled`: arguments the trainer supplies itself."""
+    target = node.get("_target_")
+    if not target:
+        return
+    try:
+        from hydra.utils import get_object
+
+        fn = get_object(target)
+        params = dict(inspect.signature(fn).parameters)
+    except Exception:
+        raise ConfigError(f"{section}._target_={target}: cannot be imported") from None
+    open_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    allowed = [k for k, p in params.items() if k not in filled and p.kind not in
+               (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)] + list(own)
+    for key, value in node.items():
+        if key.startswith("_") or key in own:
+            continue
+        if key in filled:
+            raise ConfigError(f"{section}.{key}: set by the trainer, not a config key")
+        if key not in params:
+            if open_kwargs:
+                continue
+            close = difflib.get_close_matches(key, allowed, n=1)
+            hint = f"; did you mean {section}.{close[0]}?" if close else ""
+            raise ConfigError(f"{section}.{key}: unknown key for {target}{hint} (keys: {', '.join(allowed)})")
+        kind = _kind(params[key].default)
+        if value is not None and kind is not None:
+            types, what = kind
+            if not isinstance(value, types) or (bool not in types and isinstance(value, bool)):
+                raise ConfigError(f"{section}.{key}={value}: must be {what}")
+
+
+def _check_ranges(section: str, node: Mapping[str, Any], ranges: Mapping[str, tuple[Any, str]]) -> None:
+    for key, (ok, allowed) in ranges.items():
+        if node.get(key) is not None:
+            _check(ok(node[key]), f"{section}.{key}", node[key], allowed)
 
 
 def to_container(cfg: DictConfig) -> dict[str, Any]:

@@ -229,13 +229,13 @@ def prepare_train_argv(argv: list[str], dinfo) -> list[str]:
             old = [o for o in OmegaConf.load(previous) if not str(o).startswith(("resume=", "hydra"))]
             overrides = [str(o) for o in old] + overrides
         extra = [f"hydra.run.dir={_quote(str(run_dir))}", "hydra.output_subdir=null"]
-    validate("train", overrides, multirun)
+    cfg = validate("train", overrides, multirun)
     if dinfo.enabled:
         if multirun:
             raise _config_error("--multirun: not supported under torchrun; launch one torchrun per job")
         from . import distributed
 
-        distributed.init(dinfo)
+        distributed.init(dinfo, str(cfg.trainer.device))
         if not any(o.startswith("hydra.run.dir=") for o in overrides + extra):
             extra.append(f"hydra.run.dir={_quote(distributed.shared_run_dir(dinfo))}")
         if not dinfo.is_main:

@@ -31,14 +31,30 @@ def from_env() -> DistInfo:
                     int(os.environ.get("LOCAL_RANK", 0)))
 
 
-def init(info: DistInfo) -> None:
-    """Process group from torchrun's environment: Gloo for CPU tensors, NCCL for CUDA ones."""
+def uses_cuda(device: str) -> bool:
+    """Whether `trainer.device` puts this run on a GPU (auto: when there is one)."""
+    return device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+
+
+def backend_for(device: str) -> str:
+    return "cpu:gloo,cuda:nccl" if uses_cuda(device) else "gloo"
+
+
+def init(info: DistInfo, device: str = "auto") -> None:
+    """Process group from torchrun's environment, on the device the run trains on: NCCL (and
+    this rank's GPU) only for a CUDA run. `trainer.device=cpu` on a machine with fewer GPUs than
+    processes must not touch CUDA at all (issue 11: set_device(1) failed on a 1-GPU machine)."""
     if not info.enabled or dist.is_initialized():
         return
-    backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
-    if torch.cuda.is_available():
+    if uses_cuda(device):
+        if info.local_rank >= torch.cuda.device_count():
+            from .config import ConfigError
+
+            raise ConfigError(f"trainer.device={device}: local rank {info.local_rank} has no GPU (this machine "
+                              f"has {torch.cuda.device_count()}); start fewer processes per node or use "
+                              "trainer.device=cpu")
         torch.cuda.set_device(info.local_rank)
-    dist.init_process_group(backend=backend)
+    dist.init_process_group(backend=backend_for(device))
 
 
 def shared_run_dir(info: DistInfo, pattern: str = "outputs/%Y-%m-%d/%H-%M-%S") -> str:

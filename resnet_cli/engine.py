@@ -60,13 +60,19 @@ def cpu_has_native_bf16() -> bool:
     return " avx512_bf16" in flags or " amx_bf16" in flags
 
 
+def cuda_has_native_bf16(device: torch.device) -> bool:
+    """Ampere (compute capability 8.0) and newer. `torch.cuda.is_bf16_supported()` also says yes
+    on V100/T4, where bf16 is emulated and slower than fp16 with a gradient scaler."""
+    return torch.cuda.get_device_capability(device)[0] >= 8
+
+
 def resolve_precision(spec: str, device: torch.device) -> str:
     if spec != "auto":
         if spec == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
             raise ConfigError("trainer.precision=bf16: this GPU has no bf16 support; use fp16 or fp32")
         return spec
     if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "bf16" if cuda_has_native_bf16(device) else "fp16"
     if device.type == "cpu":
         return "bf16" if cpu_has_native_bf16() else "fp32"
     return "fp32"
@@ -113,12 +119,26 @@ class Running:
         return dict(self.__dict__)
 
 
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
 def _reduce(values: list[float], device: torch.device) -> list[float]:
-    if not (dist.is_available() and dist.is_initialized()):
+    if not _distributed():
         return values
     t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return t.tolist()
+
+
+def _all_finite(finite: bool, device: torch.device) -> bool:
+    """Under DDP every rank must take the same branch: a rank that skipped backward while the
+    others wait in its all-reduce would hang the job."""
+    if not _distributed():
+        return finite
+    t = torch.tensor([1 if finite else 0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())
 
 
 def train_one_epoch(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], ctx: StepContext,
@@ -153,10 +173,11 @@ def train_one_epoch(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torc
         finite = True
         if sync_every_step:
             value = loss.item()
-            finite = value == value and abs(value) != float("inf")
+            here = value == value and abs(value) != float("inf")
+            finite = _all_finite(here, ctx.device)
             if not finite:
                 if not ctx.skip_nonfinite:
-                    raise NonFiniteLoss(epoch, run.steps + 1, value)
+                    raise NonFiniteLoss(epoch, run.steps + 1, float("nan") if here else value)
                 run.skipped += 1
                 with torch.no_grad():
                     for b, old in zip(model.buffers(), saved):
@@ -185,7 +206,7 @@ def train_one_epoch(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torc
         if not sync_every_step:
             pending.append((run.steps, loss.detach()))  # 1-based step number
             if len(pending) >= 20:
-                _check_pending(pending, epoch)
+                _check_pending(pending, epoch, ctx.device)
         if on_step is not None and run.steps % ctx.report_every == 0:
             _fold(run, loss_sum, correct)
             loss_sum.zero_(), correct.zero_()
@@ -193,7 +214,7 @@ def train_one_epoch(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torc
             t0 = time.perf_counter()
             if on_step is not None:
                 on_step(run)
-    _check_pending(pending, epoch)
+    _check_pending(pending, epoch, ctx.device)
     _fold(run, loss_sum, correct)
     run.train_seconds += time.perf_counter() - t0
     return run
@@ -204,14 +225,20 @@ def _fold(run: Running, loss_sum: torch.Tensor, correct: torch.Tensor) -> None:
     run.correct += int(correct)
 
 
-def _check_pending(pending: list, epoch: int) -> None:
-    if not pending:
+def _check_pending(pending: list, epoch: int, device: torch.device) -> None:
+    """Losses of the last steps, checked in one sync. Under DDP the ranks agree on the first bad
+    step, so that all of them stop there together instead of some waiting for the others."""
+    if not pending and not _distributed():
         return
-    values = torch.stack([v for _, v in pending]).float().cpu()
+    values = torch.stack([v for _, v in pending]).float().cpu() if pending else torch.zeros(0)
     bad = (~torch.isfinite(values)).nonzero()
-    if len(bad):
-        i = int(bad[0])
-        raise NonFiniteLoss(epoch, pending[i][0], float(values[i]))
+    first = int(bad[0]) if len(bad) else len(pending)
+    if _distributed():
+        t = torch.tensor([first], device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        first = int(t.item())
+    if first < len(pending):
+        raise NonFiniteLoss(epoch, pending[first][0], float(values[first]))
     pending.clear()
 
 
@@ -222,12 +249,22 @@ def global_epoch_stats(run: Running, device: torch.device) -> dict:
             "skipped_steps": int(skipped), "train_images": int(seen)}
 
 
+def _pad_to(x: torch.Tensor, n: int) -> torch.Tensor:
+    if x.shape[0] >= n:
+        return x
+    return torch.cat([x, x.new_zeros((n - x.shape[0], *x.shape[1:]))])
+
+
 @torch.inference_mode()
 def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], device: torch.device,
              precision: str, channels_last: bool = True, loss_fn: nn.Module | None = None,
-             topk: tuple[int, ...] = (1,), collect: bool = False) -> dict:
+             topk: tuple[int, ...] = (1,), collect: bool = False, fixed_batch: int | None = None) -> dict:
     """Loss and top-k accuracy over all batches (summed over ranks). With collect=True also
-    returns this rank's predictions and targets (for confusion matrices)."""
+    returns this rank's predictions and targets (for confusion matrices).
+
+    fixed_batch: pad a short last batch to this size (the padded rows are dropped from the
+    output; in eval mode every image is computed on its own): one input shape, so cudnn's
+    autotuner does not time every layer again for the ragged tail (issue 12)."""
     model.eval()
     loss_fn = loss_fn or nn.CrossEntropyLoss()
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
@@ -235,11 +272,14 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tenso
     seen = 0
     preds, targets = [], []
     for x, y in batches:
+        n = x.shape[0]
+        if fixed_batch:
+            x = _pad_to(x, fixed_batch)
         if channels_last and x.ndim == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast(device, precision):
             logits = model(x)
-        logits = logits.float()
+        logits = logits[:n].float()
         loss_sum += loss_fn(logits, y).double() * y.shape[0]
         k = min(max(topk), logits.shape[1])
         top = logits.topk(k, dim=1).indices

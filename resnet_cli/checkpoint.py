@@ -12,8 +12,10 @@ import io
 import json
 import os
 import tempfile
+import threading
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -39,6 +41,12 @@ def writable_folder_error(folder: str | os.PathLike) -> str | None:
         return f"{probe} is not a folder"
     if not os.access(probe, os.W_OK | os.X_OK):
         return f"no permission to write in {probe}"
+    # access() says yes to root everywhere, also in /proc and /sys, where mkdir then fails:
+    # only a real folder made (and removed) in the deepest existing parent tells.
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".resnet-cli-probe-", dir=probe))
+    except OSError as e:
+        return f"cannot create folders in {probe}: {e.strerror or e}"
     return None
 
 
@@ -66,6 +74,14 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             os.close(dfd)
 
 
+def remove_stale_temp_files(folder: str | os.PathLike) -> None:
+    """Temp files of writes that a killed process never finished (atomic_write_bytes's
+    `.NAME.*.tmp`): they are never read, only in the way."""
+    for tmp in Path(folder).glob(".*.tmp"):
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -76,14 +92,69 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
 
 
-def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
+def save_checkpoint(path: str | os.PathLike | Sequence[str | os.PathLike], state: dict[str, Any]) -> None:
+    """Serialize once, write atomically to one path or several (best.pt and last.pt of one epoch)."""
+    paths = [path] if isinstance(path, (str, os.PathLike)) else list(path)
     buf = io.BytesIO()
     torch.save({"format": FORMAT, **state}, buf)
-    try:
-        atomic_write_bytes(path, buf.getvalue())
-    except OSError as e:
-        kept = " the previous one is intact" if Path(path).exists() else ""
-        raise OutputError(f"cannot write checkpoint {path}: {e.strerror or e};{kept}") from None
+    data = buf.getvalue()
+    for p in paths:
+        try:
+            atomic_write_bytes(p, data)
+        except OSError as e:
+            kept = " the previous one is intact" if Path(p).exists() else ""
+            raise OutputError(f"cannot write checkpoint {p}: {e.strerror or e};{kept}") from None
+
+
+def to_host(obj: Any) -> Any:
+    """A snapshot of a state dict: every tensor copied to CPU memory, containers copied, so that
+    training can go on changing the originals while the copy is written."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: to_host(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_host(v) for v in obj)
+    return obj
+
+
+class CheckpointWriter:
+    """Writes checkpoints off the training thread (issue 12): the caller snapshots the state to
+    host memory, one background thread serializes it and writes it atomically. At most one
+    write is in flight: `submit` waits for the previous one, and so must the owner at exit or on
+    a signal (`wait`). A write error is raised, as OutputError, by the next `submit` or `wait`.
+    Since every file goes through atomic_write_bytes, a crash at any moment leaves either the
+    old file or the new one, never a torn one."""
+
+    def __init__(self) -> None:
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self.busy_seconds = 0.0  # time the training thread spent here (snapshots and waits)
+
+    def submit(self, paths: Sequence[str | os.PathLike], state: dict[str, Any]) -> None:
+        t0 = time.perf_counter()
+        self.wait()
+        snapshot = to_host(state)
+        self._thread = threading.Thread(target=self._write, args=(list(paths), snapshot),
+                                        name="checkpoint-writer", daemon=False)
+        self._thread.start()
+        self.busy_seconds += time.perf_counter() - t0
+
+    def _write(self, paths: list, snapshot: dict[str, Any]) -> None:
+        try:
+            save_checkpoint(paths, snapshot)
+        except BaseException as e:  # handed to the training thread at its next submit/wait
+            self._error = e
+
+    def wait(self) -> None:
+        t0 = time.perf_counter()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        self.busy_seconds += time.perf_counter() - t0
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:

@@ -73,8 +73,11 @@ class MetricsFile:
     def keep_until(self, epoch: int) -> list[dict[str, Any]]:
         """On resume: drop rows of epochs after the checkpoint (written after it was saved)."""
         rows = [r for r in self.read() if r.get("epoch", 0) <= epoch]
-        atomic_write_bytes(self.path, "".join(json.dumps(r) + "\n" for r in rows).encode())
+        self.rewrite(rows)
         return rows
+
+    def rewrite(self, rows: list[dict[str, Any]]) -> None:
+        atomic_write_bytes(self.path, "".join(json.dumps(r) + "\n" for r in rows).encode())
 
     def append(self, row: dict[str, Any]) -> None:
         with open(self.path, "a") as f:

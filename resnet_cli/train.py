@@ -5,15 +5,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import random
 import shlex
 import signal
 import sys
 import time
-from dataclasses import dataclass
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -21,7 +25,8 @@ from hydra.utils import instantiate
 from torch import nn
 
 from . import distributed
-from .checkpoint import atomic_write_json, load_checkpoint, resolve_resume, save_checkpoint
+from .checkpoint import (CheckpointWriter, atomic_write_json, load_checkpoint, remove_stale_temp_files,
+                         resolve_resume)
 from .config import ConfigError, check_values
 from .data import Data, load_data
 from .distributed import DistInfo
@@ -125,6 +130,25 @@ def build_scheduler(optimizer: torch.optim.Optimizer, sched_cfg: dict[str, Any],
     return factory(optimizer, total_steps=steps_per_epoch * epochs, steps_per_epoch=steps_per_epoch)
 
 
+def rebuild_schedule(optimizer: torch.optim.Optimizer, sched_cfg: dict[str, Any], base_lrs: list[float],
+                     steps_done: int, steps_per_epoch: int, epochs: int):
+    """The schedule of a run whose length changed on resume: the new schedule from its start,
+    advanced to where the run is. torch's warmup, step and cosine schedulers compute each lr
+    from the current one, so the optimizer must first get its base lrs back: replaying them on
+    top of the lr that the loaded optimizer state carries compounds the old schedule into the
+    new one (issue 11: 0.01 instead of 0.1 with scheduler=step)."""
+    for group, lr in zip(optimizer.param_groups, base_lrs):
+        group["lr"] = lr
+        group.pop("initial_lr", None)
+    sched = build_scheduler(optimizer, sched_cfg, steps_per_epoch, epochs)
+    if sched is not None:
+        with warnings.catch_warnings():  # "step() before optimizer.step()": intended here
+            warnings.simplefilter("ignore")
+            for _ in range(steps_done):
+                sched.step()
+    return sched
+
+
 def flat_items(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     out = {}
     for k, v in d.items():
@@ -151,6 +175,61 @@ def resume_command(run_dir: Path) -> str:
     return f"resnet-train resume={shlex.quote(str(run_dir))}"
 
 
+def seconds_since_process_start() -> float:
+    """How long this process has existed (Linux: from /proc), so that the time breakdown also
+    counts the imports before `train` was called; 0 where that cannot be known."""
+    try:
+        after_name = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        started = int(after_name[19]) / os.sysconf("SC_CLK_TCK")  # field 22: start time since boot
+        return max(0.0, float(Path("/proc/uptime").read_text().split()[0]) - started)
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+TIME_PARTS = ("startup", "data", "train", "eval", "checkpoint", "plot", "other")
+
+
+@dataclass
+class Clock:
+    """Where a run's time goes (results.json `time_s`, issue 12): startup until the first step
+    (imports, config, model, device; data loading not included), data loading and decoding,
+    training steps, evaluation, the training thread's share of checkpoint writing, plotting,
+    and the rest. The parts add up to the process's wall time."""
+
+    origin: float = field(default_factory=lambda: time.perf_counter() - seconds_since_process_start())
+    parts: dict[str, float] = field(default_factory=lambda: {p: 0.0 for p in TIME_PARTS})
+    first_step_at: float | None = None
+
+    def now(self) -> float:
+        return time.perf_counter() - self.origin
+
+    def add(self, part: str, seconds: float) -> None:
+        self.parts[part] += seconds
+
+    @contextmanager
+    def timed(self, part: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.parts[part] += time.perf_counter() - t0
+
+    def training_starts(self) -> None:
+        if self.first_step_at is None:
+            self.first_step_at = self.now()
+            self.parts["startup"] = self.first_step_at - self.parts["data"]
+
+    def breakdown(self) -> dict[str, float]:
+        total = self.now()
+        parts = dict(self.parts)
+        parts["other"] = max(0.0, total - sum(v for k, v in parts.items() if k != "other"))
+        return {"total": round(total, 3), **{k: round(v, 3) for k, v in parts.items()}}
+
+
+def time_line(t: dict[str, float]) -> str:
+    return f"time {t['total']:.1f}s = " + " + ".join(f"{k} {t[k]:.1f}" for k in TIME_PARTS)
+
+
 @dataclass
 class Trainer:
     """Everything a run carries between epochs."""
@@ -162,11 +241,13 @@ class Trainer:
     cfg: dict[str, Any]
     run_dir: Path
     dist: DistInfo
+    writer: CheckpointWriter = field(default_factory=CheckpointWriter)
     epoch: int = 0  # completed epochs
     step: int = 0  # steps done in epoch `epoch + 1`
     running: Running | None = None
     best_acc: float = -1.0
     best_epoch: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)  # the metrics.jsonl rows so far
 
     def state(self) -> dict[str, Any]:
         sched = self.ctx.scheduler
@@ -178,21 +259,26 @@ class Trainer:
             "epoch": self.epoch, "step": self.step,
             "running": self.running.as_dict() if self.running else None,
             "best_acc": self.best_acc, "best_epoch": self.best_epoch,
+            # The finished epochs' rows: a resume rewrites metrics.jsonl from them, so the table
+            # matches the checkpoint whatever moment a crash hit.
+            "history": list(self.history),
             "config": self.cfg, "rng": rng_state(),
             "preprocess": self.data.prep.as_dict(), "class_names": self.data.class_names,
             "num_classes": self.data.num_classes,
         }
 
-    def save(self, name: str) -> None:
+    def save(self, *names: str) -> None:
+        """Snapshot now, write in the background (one serialization for several names)."""
         if not self.dist.is_main:
             return
         state = self.state()
         # Never replace a good checkpoint with diverged weights (the loss shows a blow-up
         # one step after the update that caused it).
-        for key, value in state["model"].items():
-            if value.is_floating_point() and not torch.isfinite(value).all():
-                raise NonFiniteLoss(self.epoch + (1 if self.step else 0), self.step, float("nan"), what=f"weight {key}")
-        save_checkpoint(self.run_dir / "checkpoints" / name, state)
+        floats = {k: v for k, v in state["model"].items() if v.is_floating_point()}
+        if not bool(torch.stack([torch.isfinite(v).all() for v in floats.values()]).all()):
+            key = next(k for k, v in floats.items() if not torch.isfinite(v).all())
+            raise NonFiniteLoss(self.epoch + (1 if self.step else 0), self.step, float("nan"), what=f"weight {key}")
+        self.writer.submit([self.run_dir / "checkpoints" / n for n in names], state)
 
 
 def train(cfg: dict[str, Any], run_dir: Path, dinfo: DistInfo = DistInfo()) -> dict[str, Any]:
@@ -204,6 +290,7 @@ def train(cfg: dict[str, Any], run_dir: Path, dinfo: DistInfo = DistInfo()) -> d
 
 
 def _train(cfg: dict[str, Any], run_dir: Path, dinfo: DistInfo, stop: StopSignals) -> dict[str, Any]:
+    clock = Clock()
     t_start = time.perf_counter()
     check_values(cfg)
     device = resolve_device(cfg["trainer"]["device"], dinfo.local_rank if dinfo.enabled else None)
@@ -220,8 +307,9 @@ def _train(cfg: dict[str, Any], run_dir: Path, dinfo: DistInfo, stop: StopSignal
         torch.backends.cudnn.benchmark = bool(tcfg["cudnn_benchmark"])
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    data = load_data(cfg["data"], cfg["batch_size"], tcfg["eval_batch_size"], cfg["seed"], device,
-                     dinfo.rank, dinfo.world)
+    with clock.timed("data"):
+        data = load_data(cfg["data"], cfg["batch_size"], tcfg["eval_batch_size"], cfg["seed"], device,
+                         dinfo.rank, dinfo.world)
     spec = ModelSpec.from_mapping(cfg["model"])
     in_ch, ncls = spec.in_channels or data.prep.channels, spec.num_classes or data.num_classes
     stage_sizes(spec, in_ch, data.prep.size)  # fails early, naming the stage, if the input is too small
@@ -241,6 +329,7 @@ def _train(cfg: dict[str, Any], run_dir: Path, dinfo: DistInfo, stop: StopSignal
 
     steps_per_epoch = len(data.train)
     optimizer = build_optimizer(core, cfg["optimizer"])
+    base_lrs = [g["lr"] for g in optimizer.param_groups]
     scheduler = build_scheduler(optimizer, cfg["scheduler"], steps_per_epoch, cfg["epochs"])
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
     loss_fn = nn.CrossEntropyLoss(label_smoothing=float(tcfg["label_smoothing"]))
@@ -249,9 +338,8 @@ def _train(cfg: dict[str, Any], run_dir: Path, dinfo: DistInfo, stop: StopSignal
                       report_every=1 if device.type == "cpu" or tcfg["checkpoint_every_steps"] else 25)
     tr = Trainer(model, core, ctx, data, cfg, run_dir, dinfo)
     metrics = MetricsFile(run_dir / "metrics.jsonl")
-    rows: list[dict[str, Any]] = []
     if resume_ckpt is not None:
-        rows = _restore(tr, resume_ckpt, metrics if dinfo.is_main else None, steps_per_epoch)
+        _restore(tr, resume_ckpt, metrics if dinfo.is_main else None, steps_per_epoch, base_lrs)
 
     n_params = sum(p.numel() for p in core.parameters())
     if dinfo.is_main:
@@ -268,6 +356,41 @@ def _train(cfg: dict[str, Any], run_dir: Path, dinfo: DistInfo, stop: StopSignal
         if resume_ckpt is not None:
             log.info("resumed from epoch %d step %d", tr.epoch, tr.step)
 
+    try:
+        _loop(tr, clock, stop, precision, steps_per_epoch, metrics, spec.name)
+    finally:
+        # Whatever ends the loop, the checkpoint being written is finished first: a clean exit
+        # never leaves a temp file, and a write error is not lost.
+        with clock.timed("checkpoint"):
+            if sys.exc_info()[0] is None:
+                tr.writer.wait()
+            else:
+                with contextlib.suppress(Exception):
+                    tr.writer.wait()
+        clock.add("checkpoint", tr.writer.busy_seconds)
+
+    if dinfo.enabled:
+        if not distributed.params_identical(core):
+            raise RuntimeError("DDP ranks ended with different parameters; please report this")
+        if dinfo.is_main:
+            log.info("parameters identical on all %d ranks", dinfo.world)
+    if dinfo.is_main and tr.history:
+        with clock.timed("plot"):
+            plot_curves(tr.history, run_dir / "curves.png", f"{spec.name} on {cfg['data']['name']}")
+    results = _results(tr.history, tr, n_params, device, precision, time.perf_counter() - t_start)
+    results["time_s"] = clock.breakdown()
+    if dinfo.is_main:
+        atomic_write_json(run_dir / "results.json", results)
+        rows = tr.history
+        log.info("best test_acc %.4f at epoch %d; final %.4f; wrote %s", tr.best_acc, tr.best_epoch,
+                 rows[-1]["test_acc"] if rows else float("nan"), run_dir)
+        log.info(time_line(results["time_s"]))
+    return results
+
+
+def _loop(tr: Trainer, clock: Clock, stop: StopSignals, precision: str, steps_per_epoch: int,
+          metrics: MetricsFile, model_name: str) -> None:
+    cfg, tcfg, dinfo, device = tr.cfg, tr.cfg["trainer"], tr.dist, tr.ctx.device
     mode = progress_mode(tcfg["progress"]) if dinfo.is_main else "none"
     every = tcfg["checkpoint_every_steps"]
     while tr.epoch < cfg["epochs"]:
@@ -287,51 +410,47 @@ def _train(cfg: dict[str, Any], run_dir: Path, dinfo: DistInfo, stop: StopSignal
                 return distributed.any_rank(stop.signum is not None, device) if dinfo.enabled \
                     else stop.signum is not None
 
-            run = train_one_epoch(model, data.train.batches(epoch, tr.step), ctx, epoch, tr.running,
+            clock.training_starts()
+            busy = tr.writer.busy_seconds
+            t_train = time.perf_counter()
+            run = train_one_epoch(tr.model, tr.data.train.batches(epoch, tr.step), tr.ctx, epoch, tr.running,
                                   on_step, should_stop)
+            # mid-epoch checkpoints are counted as checkpoint time, not as training
+            clock.add("train", time.perf_counter() - t_train - (tr.writer.busy_seconds - busy))
         tr.running, tr.step = run, run.steps
         if run.steps < steps_per_epoch:  # stopped by a signal mid-epoch
             tr.save("last.pt")
             if dinfo.is_main:
                 log.warning("stopped at epoch %d, step %d/%d; saved %s", epoch, run.steps, steps_per_epoch,
-                            run_dir / "checkpoints" / "last.pt")
-            _exit_resumable(run_dir, dinfo, stop.exit_code)
-        row = _finish_epoch(tr, epoch, t_epoch, precision)
-        rows.append(row)
+                            tr.run_dir / "checkpoints" / "last.pt")
+            _exit_resumable(tr, clock, model_name, stop.exit_code)
+        row = _finish_epoch(tr, clock, epoch, t_epoch, precision, metrics)
         if dinfo.is_main:
-            metrics.append(row)
             log.info(epoch_line(row, cfg["epochs"]))
-            plot_curves(rows, run_dir / "curves.png", f"{spec.name} on {cfg['data']['name']}")
         if stop.signum is not None and tr.epoch < cfg["epochs"]:  # last.pt of this epoch is saved
-            _exit_resumable(run_dir, dinfo, stop.exit_code)
-
-    if dinfo.enabled:
-        if not distributed.params_identical(core):
-            raise RuntimeError("DDP ranks ended with different parameters; please report this")
-        if dinfo.is_main:
-            log.info("parameters identical on all %d ranks", dinfo.world)
-    results = _results(rows, tr, n_params, device, precision, time.perf_counter() - t_start)
-    if dinfo.is_main:
-        atomic_write_json(run_dir / "results.json", results)
-        log.info("best test_acc %.4f at epoch %d; final %.4f; wrote %s", tr.best_acc, tr.best_epoch,
-                 rows[-1]["test_acc"] if rows else float("nan"), run_dir)
-    return results
+            _exit_resumable(tr, clock, model_name, stop.exit_code)
 
 
-def _exit_resumable(run_dir: Path, dinfo: DistInfo, code: int) -> None:
-    if dinfo.is_main:
-        print(f"resume with: {resume_command(run_dir)}", file=sys.stderr)
+def _exit_resumable(tr: Trainer, clock: Clock, model_name: str, code: int) -> None:
+    tr.writer.wait()
+    if tr.dist.is_main:
+        if tr.history:  # the curves so far: drawn on an interrupt, not after every epoch
+            plot_curves(tr.history, tr.run_dir / "curves.png", f"{model_name} on {tr.cfg['data']['name']}")
+        print(f"resume with: {resume_command(tr.run_dir)}", file=sys.stderr)
     distributed.shutdown()
     sys.exit(code)
 
 
-def _finish_epoch(tr: Trainer, epoch: int, t_epoch: float, precision: str) -> dict[str, Any]:
+def _finish_epoch(tr: Trainer, clock: Clock, epoch: int, t_epoch: float, precision: str,
+                  metrics: MetricsFile) -> dict[str, Any]:
     run, device = tr.running, tr.ctx.device
     stats = global_epoch_stats(run, device)
     train_time = run.train_seconds
     t_eval = time.perf_counter()
-    ev = evaluate(tr.model, tr.data.test.batches(), device, precision, tr.ctx.channels_last)
+    fixed = tr.cfg["trainer"]["eval_batch_size"] if device.type == "cuda" else None
+    ev = evaluate(tr.model, tr.data.test.batches(), device, precision, tr.ctx.channels_last, fixed_batch=fixed)
     eval_time = time.perf_counter() - t_eval
+    clock.add("eval", eval_time)
     lr = tr.ctx.optimizer.param_groups[0]["lr"]
     row = {"epoch": epoch, "train_loss": stats["train_loss"], "train_acc": stats["train_acc"],
            "test_loss": ev["loss"], "test_acc": ev["top1"], "lr": lr,
@@ -340,16 +459,18 @@ def _finish_epoch(tr: Trainer, epoch: int, t_epoch: float, precision: str) -> di
     if tr.ctx.skip_nonfinite:
         row["skipped_steps"] = stats["skipped_steps"]
     tr.epoch, tr.step, tr.running = epoch, 0, None
+    tr.history.append(row)
     improved = row["test_acc"] > tr.best_acc
     if improved:
         tr.best_acc, tr.best_epoch = row["test_acc"], epoch
-    tr.save("last.pt")
-    if improved:
-        tr.save("best.pt")
+    if tr.dist.is_main:
+        metrics.append(row)
+    tr.save("last.pt", "best.pt") if improved else tr.save("last.pt")
     return row
 
 
-def _restore(tr: Trainer, ckpt: dict[str, Any], metrics: MetricsFile | None, steps_per_epoch: int) -> list[dict]:
+def _restore(tr: Trainer, ckpt: dict[str, Any], metrics: MetricsFile | None, steps_per_epoch: int,
+             base_lrs: list[float]) -> None:
     tr.core.load_state_dict(ckpt["model"])
     tr.ctx.optimizer.load_state_dict(ckpt["optimizer"])
     if tr.ctx.scaler is not None and ckpt.get("scaler"):
@@ -357,21 +478,24 @@ def _restore(tr: Trainer, ckpt: dict[str, Any], metrics: MetricsFile | None, ste
     tr.epoch, tr.step = int(ckpt["epoch"]), int(ckpt.get("step", 0))
     tr.running = Running(**ckpt["running"]) if ckpt.get("running") else None
     tr.best_acc, tr.best_epoch = float(ckpt["best_acc"]), int(ckpt["best_epoch"])
-    sched = tr.ctx.scheduler
-    if sched is not None and ckpt.get("lr_scheduler"):
+    if tr.ctx.scheduler is not None and ckpt.get("lr_scheduler"):
         if ckpt["config"]["epochs"] == tr.cfg["epochs"]:
-            sched.load_state_dict(ckpt["lr_scheduler"])
-        else:  # a new horizon: the new schedule, at the point this run has reached
-            import warnings
-
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                for _ in range(tr.epoch * steps_per_epoch + tr.step):
-                    sched.step()
+            tr.ctx.scheduler.load_state_dict(ckpt["lr_scheduler"])
+        else:
+            tr.ctx.scheduler = rebuild_schedule(tr.ctx.optimizer, tr.cfg["scheduler"], base_lrs,
+                                                tr.epoch * steps_per_epoch + tr.step, steps_per_epoch,
+                                                tr.cfg["epochs"])
             log.info("epochs changed %s -> %s: the schedule follows the new length",
                      ckpt["config"]["epochs"], tr.cfg["epochs"])
     set_rng_state(ckpt["rng"])
-    return metrics.keep_until(tr.epoch) if metrics is not None else []
+    if "history" in ckpt:
+        tr.history = [r for r in ckpt["history"] if r["epoch"] <= tr.epoch]
+        if metrics is not None:
+            metrics.rewrite(tr.history)
+    elif metrics is not None:  # checkpoints written before the history was kept in them
+        tr.history = metrics.keep_until(tr.epoch)
+    if metrics is not None:
+        remove_stale_temp_files(tr.run_dir / "checkpoints")
 
 
 def _results(rows, tr: Trainer, n_params: int, device: torch.device, precision: str, wall: float) -> dict:
@@ -406,18 +530,44 @@ def main() -> None:
 
 def _task(cfg, dinfo: DistInfo) -> dict[str, Any]:
     from hydra.core.hydra_config import HydraConfig
-
-    from .config import to_container
+    from hydra.types import RunMode
 
     from .checkpoint import OutputError
+    from .config import to_container
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    single = HydraConfig.get().mode == RunMode.RUN
     try:
         return train(to_container(cfg), run_dir, dinfo)
     except OSError as e:
         if e.filename is None or not str(e.filename).startswith(str(run_dir)):
+            _drop_if_empty_run(run_dir, single and dinfo.is_main and not cfg.get("resume"))
             raise
         raise OutputError(f"cannot write {e.filename}: {e.strerror}; files written before are intact") from None
+    except Exception:
+        _drop_if_empty_run(run_dir, single and dinfo.is_main and not cfg.get("resume"))
+        raise
+
+
+def _drop_if_empty_run(run_dir: Path, ours: bool) -> None:
+    """A run refused before it wrote anything (offline with no dataset, say) leaves no folder
+    behind that holds only Hydra's record and its log (issue 11). Anything else in the folder
+    (a checkpoint, metrics, a user's file) keeps it all. Sweep jobs keep theirs: the sweep's
+    summary points at them."""
+    if not ours or not run_dir.is_dir():
+        return
+    ours_only = {"train.log", ".hydra"}
+    if any(p.name not in ours_only for p in run_dir.iterdir()):
+        return
+    if (run_dir / ".hydra").is_dir() and any(p.name not in ("config.yaml", "hydra.yaml", "overrides.yaml")
+                                             for p in (run_dir / ".hydra").iterdir()):
+        return
+    import shutil
+
+    shutil.rmtree(run_dir, ignore_errors=True)
+    with contextlib.suppress(OSError):  # outputs/DATE/ and outputs/ when this run was their only one
+        run_dir.parent.rmdir()
+        run_dir.parent.parent.rmdir()
 
 
 if __name__ == "__main__":

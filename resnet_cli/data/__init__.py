@@ -94,7 +94,7 @@ def load_data(cfg: Mapping[str, Any], batch_size: int, eval_batch_size: int, see
                       hflip=bool(cfg.get("hflip", False)), crop_padding=int(cfg.get("crop_padding", 4)))
     eval_prep = Preprocess(**{**prep.as_dict(), "augment": False, "mean": mean, "std": std})
 
-    train_order = EpochOrder(n_train, batch_size, True, seed, rank, world)
+    train_order = EpochOrder(n_train, batch_size, True, seed, rank, world, drop_last=bool(cfg.get("drop_last", True)))
     test_order = EpochOrder(n_test, eval_batch_size, False, seed, rank, world)
     if pipeline == "memory":
         train = DeviceBatches(tr_x, tr_y, prep, train_order, True, device)

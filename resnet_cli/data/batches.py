@@ -26,9 +26,10 @@ def _mix(*parts: int) -> int:
 class EpochOrder:
     """Indices one rank visits in one epoch."""
 
-    def __init__(self, n: int, batch_size: int, shuffle: bool, seed: int, rank: int = 0, world: int = 1):
+    def __init__(self, n: int, batch_size: int, shuffle: bool, seed: int, rank: int = 0, world: int = 1,
+                 drop_last: bool = False):
         self.n, self.batch_size, self.shuffle, self.seed = n, batch_size, shuffle, seed
-        self.rank, self.world = rank, world
+        self.rank, self.world, self.drop_last = rank, world, drop_last
         # Training: every rank gets the same number of samples (the remainder is dropped each
         # epoch, a different one each time); evaluation: every sample exactly once.
         self.per_rank = n // world if shuffle else len(range(rank, n, world))
@@ -42,6 +43,10 @@ class EpochOrder:
 
     def num_batches(self) -> int:
         full, rest = divmod(self.per_rank, self.batch_size)
+        if self.drop_last and full:
+            # One batch shape for the whole run (issue 12): cudnn's autotuner and CUDA graphs
+            # work per shape. The images left out differ from epoch to epoch (the order does).
+            return full
         # BatchNorm cannot train on a batch of one: such a last training batch is dropped.
         return full + (1 if rest > 1 or (rest == 1 and not self.shuffle) else 0)
 
@@ -73,15 +78,44 @@ class DeviceBatches:
             yield device_batch(self.images[idx], self.prep, self.train, self.gen), self.labels[idx]
 
 
-class _OrderSampler(Sampler[int]):
+class _OrderSampler(Sampler[tuple[int, int]]):
+    """(index, seed) pairs: each sample's augmentation is drawn from its own seed, a function of
+    (seed, epoch, index), so batch k of an epoch does not depend on which worker process made
+    it or on what that worker made before (workers are persistent): a resumed run sees the same
+    batches as an uninterrupted one, as on the device path."""
+
     def __init__(self, order: EpochOrder):
         self.order, self.epoch, self.start = order, 0, 0
 
     def __iter__(self):
-        return iter(self.order.indices(self.epoch)[self.start * self.order.batch_size:].tolist())
+        indices = self.order.indices(self.epoch)[self.start * self.order.batch_size:].tolist()
+        return iter((i, _mix(self.order.seed, self.epoch, i)) for i in indices)
 
     def __len__(self) -> int:
         return max(0, self.order.per_rank - self.start * self.order.batch_size)
+
+
+class _SeededSamples(Dataset):
+    """dataset[(i, seed)]: sample i with torch's global RNG (what torchvision's transforms draw
+    from) seeded for it. In the main process (num_workers=0) the global RNG is put back after."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]):
+        i, seed = key
+        if torch.utils.data.get_worker_info() is not None:
+            torch.manual_seed(seed)
+            return self.dataset[i]
+        state = torch.get_rng_state()
+        try:
+            torch.manual_seed(seed)
+            return self.dataset[i]
+        finally:
+            torch.set_rng_state(state)
 
 
 class LoaderBatches:
@@ -92,7 +126,7 @@ class LoaderBatches:
         self.sampler = _OrderSampler(order)
         pin = device.type == "cuda"
         self.loader = DataLoader(
-            dataset, batch_size=order.batch_size, sampler=self.sampler, num_workers=num_workers,
+            _SeededSamples(dataset), batch_size=order.batch_size, sampler=self.sampler, num_workers=num_workers,
             pin_memory=pin, persistent_workers=num_workers > 0, drop_last=False,
             prefetch_factor=4 if num_workers > 0 else None)
 

@@ -198,6 +198,15 @@ def _check_output_folder(overrides: list[str], multirun: bool) -> None:
     if why:
         raise _config_error(f"{key}={folder}: cannot create the run folder ({why}); "
                           "run from a writable folder or set hydra.run.dir=")
+    if not multirun:
+        from pathlib import Path
+
+        # A second run started into a run's folder would append to its metrics and replace its
+        # checkpoints: only resume= may continue a run.
+        held = [n for n in ("checkpoints/last.pt", "metrics.jsonl") if (Path(folder) / n).exists()]
+        if held:
+            raise _config_error(f"{key}={folder}: holds a run already ({held[0]}); continue it with "
+                                f"resume={folder}, or choose another folder")
 
 
 def _quote(value: str) -> str:

@@ -70,6 +70,8 @@ class TrainerConfig:
     cudnn_benchmark: bool = True
     progress: str = "auto"  # auto (bar on a terminal) | bar | plain | none
     checkpoint_every_steps: Optional[int] = None  # also save mid-epoch; None: each epoch end
+    ema_decay: Optional[float] = None  # EMA of the weights, evaluated and saved beside them; None: off
+    tta_hflip: bool = False  # evaluate on each image and its mirror image (averaged probabilities)
 
 
 @dataclass
@@ -125,6 +127,8 @@ def check_values(cfg: Mapping[str, Any]) -> None:
     _check(t["progress"] in PROGRESS, "trainer.progress", t["progress"], f"choose from {', '.join(PROGRESS)}")
     _check(t["checkpoint_every_steps"] is None or t["checkpoint_every_steps"] >= 1,
            "trainer.checkpoint_every_steps", t["checkpoint_every_steps"], "must be >= 1 or null")
+    _check(t["ema_decay"] is None or 0 < t["ema_decay"] < 1, "trainer.ema_decay", t["ema_decay"],
+           "must be in (0, 1) (e.g. 0.999), or null for no EMA")
     opt = _plain(cfg["optimizer"])
     _check(bool(opt.get("_target_")), "optimizer", opt, "needs a _target_ (pick optimizer=sgd or adamw)")
     check_target_args("optimizer", opt, filled=("params",), own=OPTIMIZER_KEYS)

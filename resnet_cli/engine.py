@@ -10,6 +10,7 @@ from typing import Callable, Iterable, Iterator
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 
 from .config import ConfigError
@@ -101,6 +102,10 @@ class StepContext:
     skip_nonfinite: bool = False
     channels_last: bool = True
     report_every: int = 1  # steps between on_step calls (each one syncs a GPU)
+    # An exponential moving average of the weights (torch.optim.swa_utils.AveragedModel), updated
+    # after every optimizer step from `ema_source` (the un-wrapped model).
+    ema: nn.Module | None = None
+    ema_source: nn.Module | None = None
 
 
 @dataclass
@@ -114,6 +119,7 @@ class Running:
     skipped: int = 0
     steps: int = 0
     train_seconds: float = 0.0
+    last_lr: float = 0.0  # the lr of the latest optimizer step (the scheduler moves on after it)
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -152,6 +158,7 @@ def train_one_epoch(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torc
     model.train()
     run = running or Running()
     sync_every_step = ctx.device.type != "cuda" or ctx.skip_nonfinite
+    smoothing = float(getattr(ctx.loss_fn, "label_smoothing", 0.0))
     loss_sum = torch.zeros((), dtype=torch.float64, device=ctx.device)
     correct = torch.zeros((), dtype=torch.int64, device=ctx.device)
     pending = []  # CUDA: losses checked in groups, so the GPU is not stalled every step
@@ -196,9 +203,15 @@ def train_one_epoch(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torc
                 if ctx.grad_clip:
                     nn.utils.clip_grad_norm_(model.parameters(), ctx.grad_clip)
                 ctx.optimizer.step()
-            loss_sum += loss.detach().double() * y.shape[0]
+            if ctx.ema is not None:
+                ctx.ema.update_parameters(ctx.ema_source)
+            # The logged train_loss is plain cross-entropy, like test_loss: with label smoothing
+            # the optimized loss is a different quantity and the curves would not compare.
+            shown = loss if not smoothing else F.cross_entropy(logits.detach().float(), y)
+            loss_sum += shown.detach().double() * y.shape[0]
             correct += (logits.argmax(1) == y).sum()
             run.counted += y.shape[0]
+        run.last_lr = ctx.optimizer.param_groups[0]["lr"]
         if ctx.scheduler is not None:
             ctx.scheduler.step()
         run.steps += 1
@@ -258,13 +271,16 @@ def _pad_to(x: torch.Tensor, n: int) -> torch.Tensor:
 @torch.inference_mode()
 def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], device: torch.device,
              precision: str, channels_last: bool = True, loss_fn: nn.Module | None = None,
-             topk: tuple[int, ...] = (1,), collect: bool = False, fixed_batch: int | None = None) -> dict:
+             topk: tuple[int, ...] = (1,), collect: bool = False, fixed_batch: int | None = None,
+             tta_hflip: bool = False) -> dict:
     """Loss and top-k accuracy over all batches (summed over ranks). With collect=True also
     returns this rank's predictions and targets (for confusion matrices).
 
     fixed_batch: pad a short last batch to this size (the padded rows are dropped from the
     output; in eval mode every image is computed on its own): one input shape, so cudnn's
-    autotuner does not time every layer again for the ragged tail (issue 12)."""
+    autotuner does not time every layer again for the ragged tail (issue 12).
+    tta_hflip: average the softmax of each image and its mirror image (test-time augmentation,
+    for data whose classes survive a horizontal flip)."""
     model.eval()
     loss_fn = loss_fn or nn.CrossEntropyLoss()
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
@@ -279,7 +295,12 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tenso
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast(device, precision):
             logits = model(x)
+            if tta_hflip:
+                mirrored = model(x.flip(3))
         logits = logits[:n].float()
+        if tta_hflip:  # log of the mean probability: still a proper input to cross-entropy
+            probs = (logits.softmax(1) + mirrored[:n].float().softmax(1)) / 2
+            logits = probs.clamp_min(1e-12).log()
         loss_sum += loss_fn(logits, y).double() * y.shape[0]
         k = min(max(topk), logits.shape[1])
         top = logits.topk(k, dim=1).indices

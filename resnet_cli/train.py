@@ -130,6 +130,17 @@ def build_scheduler(optimizer: torch.optim.Optimizer, sched_cfg: dict[str, Any],
     return factory(optimizer, total_steps=steps_per_epoch * epochs, steps_per_epoch=steps_per_epoch)
 
 
+def build_ema(model: nn.Module, decay: float | None) -> nn.Module | None:
+    """torch's AveragedModel with its EMA helper. use_buffers=True averages the BatchNorm
+    running statistics along with the weights, so the average is evaluated with statistics
+    that belong to it (as torchvision's references do), not with the raw model's."""
+    if not decay:
+        return None
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+
 def rebuild_schedule(optimizer: torch.optim.Optimizer, sched_cfg: dict[str, Any], base_lrs: list[float],
                      steps_done: int, steps_per_epoch: int, epochs: int):
     """The schedule of a run whose length changed on resume: the new schedule from its start,
@@ -248,6 +259,13 @@ class Trainer:
     best_acc: float = -1.0
     best_epoch: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)  # the metrics.jsonl rows so far
+    clock: Clock = field(default_factory=Clock)
+    elapsed_before: float = 0.0  # wall seconds of the run's earlier processes (a resumed run)
+    eta_hint_given: bool = False
+
+    def elapsed(self) -> float:
+        """Wall seconds of the whole run so far, across resumes."""
+        return self.elapsed_before + self.clock.now()
 
     def state(self) -> dict[str, Any]:
         sched = self.ctx.scheduler
@@ -259,6 +277,8 @@ class Trainer:
             "epoch": self.epoch, "step": self.step,
             "running": self.running.as_dict() if self.running else None,
             "best_acc": self.best_acc, "best_epoch": self.best_epoch,
+            "ema": self.ctx.ema.state_dict() if self.ctx.ema is not None else None,
+            "elapsed_s": self.elapsed(),
             # The finished epochs' rows: a resume rewrites metrics.jsonl from them, so the table
             # matches the checkpoint whatever moment a crash hit.
             "history": list(self.history),
@@ -335,8 +355,9 @@ def _train(cfg: dict[str, Any], run_dir: Path, dinfo: DistInfo, stop: StopSignal
     loss_fn = nn.CrossEntropyLoss(label_smoothing=float(tcfg["label_smoothing"]))
     ctx = StepContext(optimizer, scheduler, loss_fn, device, precision, scaler, tcfg["grad_clip"],
                       tcfg["skip_nonfinite"], tcfg["channels_last"],
-                      report_every=1 if device.type == "cpu" or tcfg["checkpoint_every_steps"] else 25)
-    tr = Trainer(model, core, ctx, data, cfg, run_dir, dinfo)
+                      report_every=1 if device.type == "cpu" or tcfg["checkpoint_every_steps"] else 25,
+                      ema=build_ema(core, tcfg["ema_decay"]), ema_source=core)
+    tr = Trainer(model, core, ctx, data, cfg, run_dir, dinfo, clock=clock)
     metrics = MetricsFile(run_dir / "metrics.jsonl")
     if resume_ckpt is not None:
         _restore(tr, resume_ckpt, metrics if dinfo.is_main else None, steps_per_epoch, base_lrs)
@@ -381,9 +402,14 @@ def _train(cfg: dict[str, Any], run_dir: Path, dinfo: DistInfo, stop: StopSignal
     results["time_s"] = clock.breakdown()
     if dinfo.is_main:
         atomic_write_json(run_dir / "results.json", results)
-        rows = tr.history
-        log.info("best test_acc %.4f at epoch %d; final %.4f; wrote %s", tr.best_acc, tr.best_epoch,
-                 rows[-1]["test_acc"] if rows else float("nan"), run_dir)
+        nan = float("nan")
+        if results["selection"] == "val_acc":
+            log.info("best val_acc %.4f at epoch %d (test_acc %.4f); final test_acc %.4f; wrote %s",
+                     tr.best_acc, tr.best_epoch, results["best_test_acc"] or nan, results["final_test_acc"] or nan,
+                     run_dir)
+        else:
+            log.info("best test_acc %.4f at epoch %d; final %.4f; wrote %s", tr.best_acc, tr.best_epoch,
+                     results["final_test_acc"] if tr.history else nan, run_dir)
         log.info(time_line(results["time_s"]))
     return results
 
@@ -405,6 +431,8 @@ def _loop(tr: Trainer, clock: Clock, stop: StopSignals, precision: str, steps_pe
                            run.seen / run.train_seconds)
                 if every and run.steps % every == 0 and run.steps < steps_per_epoch:
                     tr.save("last.pt")
+                if device.type == "cpu" and dinfo.is_main:
+                    _eta_hint(tr, run, epoch, steps_per_epoch)
 
             def should_stop() -> bool:
                 return distributed.any_rank(stop.signum is not None, device) if dinfo.enabled \
@@ -441,6 +469,44 @@ def _exit_resumable(tr: Trainer, clock: Clock, model_name: str, code: int) -> No
     sys.exit(code)
 
 
+ACC_MARKS = (0.90, 0.92, 0.93, 0.94, 0.95)  # time-to-accuracy thresholds (issue 13)
+CPU_ETA_HINT_S = 30 * 60
+
+
+def _eta_hint(tr: Trainer, run: Running, epoch: int, steps_per_epoch: int) -> None:
+    """One line, once, when a CPU run's first steps project more than 30 minutes: name the ETA
+    and the recipe made for CPUs. The run goes on as asked."""
+    if tr.eta_hint_given or run.steps < 5 or run.train_seconds < 3:
+        return
+    tr.eta_hint_given = True
+    left = (tr.cfg["epochs"] - epoch + 1) * steps_per_epoch - run.steps
+    eta = left * run.train_seconds / run.steps
+    if eta > CPU_ETA_HINT_S and tr.cfg["data"]["name"] in ("fashion_mnist", "mnist"):
+        log.warning("this run needs about %s more on this CPU; for a recipe made for CPUs (minutes) "
+                    "try: resnet-train experiment=cpu", _duration(eta))
+    elif eta > CPU_ETA_HINT_S:
+        log.warning("this run needs about %s more on this CPU; a GPU, a smaller model or data.resize "
+                    "would shorten it", _duration(eta))
+
+
+def _duration(seconds: float) -> str:
+    h, m = divmod(int(seconds // 60), 60)
+    return f"{h} h {m:02d} min" if h else f"{m} min"
+
+
+def _scores(tr: Trainer, model: nn.Module, prefix: str, precision: str, fixed: int | None) -> dict[str, float]:
+    """Test (and validation) loss and accuracy of `model`, as row fields."""
+    tcfg, device = tr.cfg["trainer"], tr.ctx.device
+    out = {}
+    for split, batches in (("val", getattr(tr.data, "val", None)), ("test", tr.data.test)):
+        if batches is None:
+            continue
+        ev = evaluate(model, batches.batches(), device, precision, tr.ctx.channels_last, fixed_batch=fixed,
+                      tta_hflip=bool(tcfg["tta_hflip"]))
+        out[f"{prefix}{split}_loss"], out[f"{prefix}{split}_acc"] = ev["loss"], ev["top1"]
+    return out
+
+
 def _finish_epoch(tr: Trainer, clock: Clock, epoch: int, t_epoch: float, precision: str,
                   metrics: MetricsFile) -> dict[str, Any]:
     run, device = tr.running, tr.ctx.device
@@ -448,25 +514,36 @@ def _finish_epoch(tr: Trainer, clock: Clock, epoch: int, t_epoch: float, precisi
     train_time = run.train_seconds
     t_eval = time.perf_counter()
     fixed = tr.cfg["trainer"]["eval_batch_size"] if device.type == "cuda" else None
-    ev = evaluate(tr.model, tr.data.test.batches(), device, precision, tr.ctx.channels_last, fixed_batch=fixed)
+    scores = _scores(tr, tr.model, "", precision, fixed)
+    if tr.ctx.ema is not None:
+        scores.update(_scores(tr, tr.ctx.ema.module, "ema_", precision, fixed))
     eval_time = time.perf_counter() - t_eval
     clock.add("eval", eval_time)
-    lr = tr.ctx.optimizer.param_groups[0]["lr"]
-    row = {"epoch": epoch, "train_loss": stats["train_loss"], "train_acc": stats["train_acc"],
-           "test_loss": ev["loss"], "test_acc": ev["top1"], "lr": lr,
-           "epoch_time_s": time.perf_counter() - t_epoch, "train_images_per_s": stats["train_images"] / train_time,
-           "eval_time_s": eval_time}
+    row = {"epoch": epoch, "train_loss": stats["train_loss"], "train_acc": stats["train_acc"], **scores,
+           "lr": run.last_lr, "epoch_time_s": time.perf_counter() - t_epoch,
+           "train_images_per_s": stats["train_images"] / train_time, "eval_time_s": eval_time,
+           "elapsed_s": tr.elapsed()}
     if tr.ctx.skip_nonfinite:
         row["skipped_steps"] = stats["skipped_steps"]
     tr.epoch, tr.step, tr.running = epoch, 0, None
     tr.history.append(row)
-    improved = row["test_acc"] > tr.best_acc
+    # best.pt is chosen on the validation split when there is one: selecting on the test set
+    # would make its score an optimistic estimate (issue 13).
+    key = selection_key(tr.data)
+    improved = row[key] > tr.best_acc
     if improved:
-        tr.best_acc, tr.best_epoch = row["test_acc"], epoch
+        tr.best_acc, tr.best_epoch = row[key], epoch
     if tr.dist.is_main:
         metrics.append(row)
-    tr.save("last.pt", "best.pt") if improved else tr.save("last.pt")
+    # best.pt first: a crash between the two renames then leaves the older last.pt, whose resume
+    # redoes this epoch and writes the same best.pt again (the other order would leave a
+    # last.pt that calls an epoch best whose weights best.pt does not hold).
+    tr.save("best.pt", "last.pt") if improved else tr.save("last.pt")
     return row
+
+
+def selection_key(data: Data) -> str:
+    return "val_acc" if getattr(data, "val", None) is not None else "test_acc"
 
 
 def _restore(tr: Trainer, ckpt: dict[str, Any], metrics: MetricsFile | None, steps_per_epoch: int,
@@ -478,6 +555,9 @@ def _restore(tr: Trainer, ckpt: dict[str, Any], metrics: MetricsFile | None, ste
     tr.epoch, tr.step = int(ckpt["epoch"]), int(ckpt.get("step", 0))
     tr.running = Running(**ckpt["running"]) if ckpt.get("running") else None
     tr.best_acc, tr.best_epoch = float(ckpt["best_acc"]), int(ckpt["best_epoch"])
+    tr.elapsed_before = float(ckpt.get("elapsed_s", 0.0)) - tr.clock.now()
+    if tr.ctx.ema is not None and ckpt.get("ema") is not None:
+        tr.ctx.ema.load_state_dict(ckpt["ema"])
     if tr.ctx.scheduler is not None and ckpt.get("lr_scheduler"):
         if ckpt["config"]["epochs"] == tr.cfg["epochs"]:
             tr.ctx.scheduler.load_state_dict(ckpt["lr_scheduler"])
@@ -498,18 +578,40 @@ def _restore(tr: Trainer, ckpt: dict[str, Any], metrics: MetricsFile | None, ste
         remove_stale_temp_files(tr.run_dir / "checkpoints")
 
 
+def time_to_acc(rows: list[dict[str, Any]]) -> dict[str, dict[str, float] | None]:
+    """The epoch and the run's wall time at which test_acc first reached each mark."""
+    out: dict[str, dict[str, float] | None] = {}
+    for mark in ACC_MARKS:
+        hit = next((r for r in rows if r["test_acc"] >= mark), None)
+        out[f"{mark:.2f}"] = {"epoch": hit["epoch"], "wall_s": round(hit["elapsed_s"], 2)} \
+            if hit and "elapsed_s" in hit else None
+    return out
+
+
 def _results(rows, tr: Trainer, n_params: int, device: torch.device, precision: str, wall: float) -> dict:
     final = rows[-1] if rows else {}
-    best = max(rows, key=lambda r: r["test_acc"]) if rows else {}
-    return {
+    key = selection_key(tr.data)
+    best = next((r for r in rows if r["epoch"] == tr.best_epoch), {})
+    fields = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc",
+              "ema_val_acc", "ema_test_acc")
+    out = {
         "model": tr.cfg["model"]["name"], "dataset": tr.cfg["data"]["name"], "epochs": tr.epoch,
-        "final": {k: final.get(k) for k in ("epoch", "train_loss", "train_acc", "test_loss", "test_acc")},
-        "best": {k: best.get(k) for k in ("epoch", "test_acc", "test_loss")},
-        "best_test_acc": tr.best_acc, "best_epoch": tr.best_epoch,
+        "selection": key,
+        "final": {k: final.get(k) for k in fields if k in final or k in ("epoch", "test_acc")},
+        "best": {k: best.get(k) for k in fields if k in best or k in ("epoch", "test_acc")},
+        # the test accuracy of the selected epoch: with a validation split an honest estimate;
+        # without one it is the maximum over test epochs (selected on the test set itself)
+        "best_test_acc": best.get("test_acc", tr.best_acc if key == "test_acc" else None),
+        "best_epoch": tr.best_epoch,
+        "final_test_acc": final.get("test_acc"),
+        "time_to_acc": time_to_acc(rows),
         "parameters": n_params, "device": str(device), "device_name": _device_name(device),
         "world_size": tr.dist.world, "precision": precision, "wall_time_s": wall,
         "mean_train_images_per_s": (sum(r["train_images_per_s"] for r in rows) / len(rows)) if rows else None,
     }
+    if key == "val_acc":
+        out["best_val_acc"], out["final_val_acc"] = tr.best_acc, final.get("val_acc")
+    return out
 
 
 def _device_name(device: torch.device) -> str:

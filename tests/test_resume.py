@@ -17,9 +17,12 @@ from resnet_cli.checkpoint import CheckpointError, OutputError, load_checkpoint,
 
 from conftest import command, run_cli
 
-# 32 steps per epoch: long enough for a signal to land mid-epoch.
+# 32 steps per epoch: long enough for a signal to land mid-epoch. With augmentation, so that
+# exact resume also covers the per-step reseeding of crops and flips (issue 11).
 TINY = ["data=synthetic", "data.train_size=512", "data.test_size=64", "batch_size=16", "model=resnet20",
-        "trainer.progress=plain", "epochs=3", "trainer.eval_batch_size=64"]
+        "trainer.progress=plain", "epochs=3", "trainer.eval_batch_size=64", "data.augment=standard"]
+# The DataLoader path, with persistent worker processes.
+LOADER = ["data.pipeline=loader", "data.num_workers=2"]
 TIMING = {"epoch_time_s", "train_images_per_s", "eval_time_s"}
 
 
@@ -45,42 +48,58 @@ def uninterrupted(tmp_path_factory) -> Path:
     return only_run(cwd)
 
 
-def _interrupt(cwd: Path, sig: int, after_rows: int, extra_wait: float) -> subprocess.CompletedProcess:
-    proc = subprocess.Popen([command("resnet-train"), *TINY], cwd=cwd, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+@pytest.fixture(scope="module")
+def uninterrupted_loader(tmp_path_factory) -> Path:
+    cwd = tmp_path_factory.mktemp("straight-loader")
+    run_cli("resnet-train", *TINY, *LOADER, cwd=cwd, check=True)
+    return only_run(cwd)
+
+
+def _step_reached(cwd: Path, epoch: int, step: int) -> bool:
+    """Whether the run's mid-epoch checkpoint shows it is past (epoch, step)."""
+    for ckpt in cwd.glob("outputs/*/*/checkpoints/last.pt"):
+        try:
+            state = torch.load(ckpt, weights_only=True)
+        except Exception:  # being replaced right now
+            return False
+        return (state["epoch"] + 1, state["step"]) >= (epoch, step) or state["epoch"] >= epoch
+    return False
+
+
+def _interrupt(cwd: Path, sig: int, epoch: int, step: int, extra: list[str]) -> subprocess.CompletedProcess:
+    # Checkpoints every 4 steps show where the run is; the signal lands right after (epoch,
+    # step), with at least one more epoch to go: the run cannot finish first.
+    proc = subprocess.Popen([command("resnet-train"), *TINY, *extra, "trainer.checkpoint_every_steps=4"], cwd=cwd,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
-    while time.time() < deadline:
-        runs = list(cwd.glob("outputs/*/*/metrics.jsonl"))
-        if runs and len(runs[0].read_text().splitlines()) >= after_rows:
-            break
-        if after_rows == 0 and list(cwd.glob("outputs/*/*/train.log")):
-            break
-        time.sleep(0.05)
-    time.sleep(extra_wait)
+    while time.time() < deadline and proc.poll() is None and not _step_reached(cwd, epoch, step):
+        time.sleep(0.02)
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=300)
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
-@pytest.mark.parametrize("sig,code,after_rows,wait", [
-    (signal.SIGINT, 130, 1, 0.3),   # during epoch 2
-    (signal.SIGTERM, 143, 0, 1.5),  # during epoch 1
+@pytest.mark.parametrize("sig,code,epoch,step,pipeline", [
+    (signal.SIGINT, 130, 2, 8, "memory"),   # during epoch 2
+    (signal.SIGTERM, 143, 1, 4, "memory"),  # during epoch 1
+    (signal.SIGINT, 130, 1, 12, "loader"),  # DataLoader with persistent workers
 ])
-def test_interrupt_then_resume_equals_an_uninterrupted_run(uninterrupted, tmp_path, sig, code, after_rows, wait):
-    proc = _interrupt(tmp_path, sig, after_rows, wait)
+def test_interrupt_then_resume_equals_an_uninterrupted_run(request, tmp_path, sig, code, epoch, step, pipeline):
+    extra = LOADER if pipeline == "loader" else []
+    straight = request.getfixturevalue("uninterrupted_loader" if pipeline == "loader" else "uninterrupted")
+    proc = _interrupt(tmp_path, sig, epoch, step, extra)
     run = only_run(tmp_path)
-    if proc.returncode == 0:
-        pytest.skip("the run finished before the signal arrived (machine too fast for this timing)")
-    assert proc.returncode == code, proc.stderr
+    assert proc.returncode == code, proc.stderr  # a run that ended before the signal fails the test
     assert f"resume with: resnet-train resume={run}" in proc.stderr
     assert (run / "checkpoints" / "last.pt").is_file()
+    assert (run / "curves.png").is_file() or not untimed(run)  # drawn on the interrupt
     done = len(untimed(run))
     assert done < 3
 
     resumed = run_cli("resnet-train", f"resume={run}", cwd=tmp_path, check=True)
     assert "resumed from epoch" in resumed.stdout
-    assert untimed(run) == untimed(uninterrupted)
-    a, b = weights(run), weights(uninterrupted)
+    assert untimed(run) == untimed(straight)
+    a, b = weights(run), weights(straight)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     # the log was appended to, not replaced
     log = (run / "train.log").read_text()
@@ -222,6 +241,14 @@ BAD_COMMAND_LINES = [
     (["data=fashion_mnist", "data.download=false", "data.root=/does/not/exist"], "data.root=/does/not/exist"),
     (["resume=/no/such/run"], "resume=/no/such/run"),
     (["scheduler.warmup_epochs=20"], "scheduler.warmup_epochs=20"),
+    (["optimizer.momentum=fast"], "optimizer.momentum=fast: must be a number"),
+    (["+optimizer.momentun=0.9"], "did you mean optimizer.momentum"),
+    (["scheduler.min_lr_ratio=-5"], "scheduler.min_lr_ratio=-5"),
+    (["scheduler.warmup_start=abc"], "scheduler.warmup_start=abc"),
+    (["optimizer=adamw", "optimizer.betas=[0.9,1.5]"], "optimizer.betas"),
+    (["scheduler=step", "scheduler.milestones=[2]"], "scheduler.milestones"),
+    (["hydra.run.dir=/proc/x"], "cannot create the run folder"),
+    (["hydra.run.dir=/sys/x"], "cannot create the run folder"),
     (["-m", "lr=0.1,-1"], "lr=-1"),
 ]
 

@@ -62,6 +62,37 @@ def test_run_writes_every_artifact(tiny_run):
     assert {"device", "precision", "wall_time_s"} <= set(results)
     png = (run / "curves.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["best.pt", "last.pt"]  # no temp files
+
+
+def test_results_say_where_the_time_went(tiny_run):
+    run, proc = tiny_run
+    t = json.loads((run / "results.json").read_text())["time_s"]
+    parts = ("startup", "data", "train", "eval", "checkpoint", "plot", "other")
+    assert set(t) == {"total", *parts} and all(t[p] >= 0 for p in parts)
+    assert sum(t[p] for p in parts) == pytest.approx(t["total"], abs=0.01)
+    # the process's own age: imports before train() count as start-up
+    assert t["startup"] > 0.5 and t["train"] > 0 and t["eval"] > 0 and t["plot"] > 0
+    last = (run / "train.log").read_text().strip().splitlines()[-1]
+    assert f"time {t['total']:.1f}s = startup {t['startup']:.1f} + data" in last
+
+
+def test_best_and_last_of_one_epoch_are_one_serialization(tmp_path):
+    from resnet_cli.checkpoint import CheckpointWriter
+
+    writer = CheckpointWriter()
+    weights = torch.arange(6.0)
+    state = {"model": {"w": weights}, "config": {}, "epoch": 1}
+    writer.submit([tmp_path / "last.pt", tmp_path / "best.pt"], state)
+    weights.add_(100)  # training goes on while the writer works on its snapshot
+    writer.wait()
+    assert (tmp_path / "last.pt").read_bytes() == (tmp_path / "best.pt").read_bytes()
+    assert torch.equal(load_checkpoint(tmp_path / "best.pt")["model"]["w"], torch.arange(6.0))
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    writer.submit([blocker / "last.pt"], state)  # the error comes back to the training thread
+    with pytest.raises(Exception, match="cannot write checkpoint"):
+        writer.wait()
 
 
 def test_first_lines_say_what_runs(tiny_run):
@@ -202,14 +233,19 @@ def test_failed_download_fails_in_one_line(tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.startswith("error: data.root=") and proc.stderr.count("\n") == 1
     assert "download failed" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "outputs").exists()  # no run folder with only a log is left behind
 
 
 @pytest.mark.data
 def test_resnet18_learns_fashion_mnist_in_bf16_and_fp32(real_data, tmp_path):
     """The issue's bar: ResNet-18, 4,000 training images at 28x28, 1 epoch, >= 0.70 on 1,000
     test images; and bf16 reaches what fp32 does (measured seed-to-seed spread here: ~0.01-0.02)."""
+    from resnet_cli.engine import cpu_has_native_bf16
+
     accs = {}
-    for precision in ("bf16", "fp32"):
+    # Where the CPU has no native bf16, auto never picks it, and emulated bf16 would take most
+    # of the suite's time on such a machine: there fp32 alone must clear the bar.
+    for precision in ("bf16", "fp32") if cpu_has_native_bf16() else ("fp32",):
         cwd = tmp_path / precision
         cwd.mkdir()
         # One epoch is 63 steps: no augmentation, a short warmup and AdamW learn fastest.
@@ -221,7 +257,8 @@ def test_resnet18_learns_fashion_mnist_in_bf16_and_fp32(real_data, tmp_path):
         (row,) = metrics(run)
         assert row["test_acc"] >= 0.70, proc.stdout
         accs[precision] = row["test_acc"]
-    assert abs(accs["bf16"] - accs["fp32"]) <= 0.04, accs
+    if "bf16" in accs:
+        assert abs(accs["bf16"] - accs["fp32"]) <= 0.04, accs
 
 
 def test_progress_bar_on_a_terminal(tmp_path):

@@ -1,0 +1,108 @@
+"""Training options of issue 13 at function level: the EMA of the weights, flip test-time
+augmentation, comparable losses, the lr that an epoch used, time to accuracy, the CPU ETA hint."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from resnet_cli.engine import Running, StepContext, evaluate, train_one_epoch
+from resnet_cli.train import _eta_hint, build_ema, time_to_acc
+
+CPU = torch.device("cpu")
+
+
+def tiny_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
+
+
+def batches(n: int = 4, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(8, 1, 8, 8, generator=g), torch.randint(0, 3, (8,), generator=g)) for _ in range(n)]
+
+
+def test_ema_follows_every_step_and_averages_batchnorm_statistics():
+    model = tiny_model()
+    ema = build_ema(model, 0.75)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ctx = StepContext(opt, None, nn.CrossEntropyLoss(), CPU, "fp32", channels_last=False, ema=ema, ema_source=model)
+    expected = None
+    for x, y in batches():
+        train_one_epoch(model, [(x, y)], ctx, epoch=1)
+        now = {k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
+        # the first update copies, then ema = 0.75 * ema + 0.25 * weights
+        expected = now if expected is None else {k: 0.75 * expected[k] + 0.25 * now[k] for k in now}
+    got = ema.module.state_dict()
+    for k, v in expected.items():
+        torch.testing.assert_close(got[k], v, rtol=1e-5, atol=1e-6)
+    assert "1.running_mean" in expected  # BatchNorm statistics are averaged, not left at their init
+    assert int(ema.n_averaged) == 4
+
+
+def test_flip_tta_averages_the_probabilities_of_an_image_and_its_mirror():
+    model = tiny_model().eval()
+    data = batches(2)
+    plain = evaluate(model, data, CPU, "fp32", channels_last=False)
+    tta = evaluate(model, data, CPU, "fp32", channels_last=False, tta_hflip=True)
+    with torch.no_grad():
+        x = torch.cat([b[0] for b in data])
+        y = torch.cat([b[1] for b in data])
+        probs = (model(x).softmax(1) + model(x.flip(3)).softmax(1)) / 2
+    assert tta["top1"] == (probs.argmax(1) == y).float().mean().item()
+    assert tta["loss"] == pytest.approx(F.nll_loss(probs.log(), y).item(), rel=1e-5)
+    assert tta["loss"] != pytest.approx(plain["loss"])
+
+
+def test_train_loss_is_plain_cross_entropy_even_with_label_smoothing():
+    model = tiny_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)  # the model stays as it is
+    data = batches(3)
+    ctx = StepContext(opt, None, nn.CrossEntropyLoss(label_smoothing=0.5), CPU, "fp32", channels_last=False)
+    run = train_one_epoch(model, data, ctx, epoch=1)
+    with torch.no_grad():
+        plain = sum(F.cross_entropy(model(x), y).item() * len(y) for x, y in data) / 24
+    assert run.loss_sum / run.counted == pytest.approx(plain, rel=1e-5)
+
+
+def test_logged_lr_is_the_lr_of_the_epochs_last_step():
+    model = tiny_model()
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0 / (step + 1))
+    ctx = StepContext(opt, sched, nn.CrossEntropyLoss(), CPU, "fp32", channels_last=False)
+    run = train_one_epoch(model, batches(4), ctx, epoch=1)
+    assert run.last_lr == pytest.approx(1 / 4)  # steps used 1, 1/2, 1/3, 1/4; the next one 1/5
+    assert opt.param_groups[0]["lr"] == pytest.approx(1 / 5)
+
+
+def test_time_to_accuracy_marks_the_first_epoch_that_reached_each_level():
+    rows = [{"epoch": 1, "test_acc": 0.85, "elapsed_s": 10.0}, {"epoch": 2, "test_acc": 0.925, "elapsed_s": 21.5},
+            {"epoch": 3, "test_acc": 0.91, "elapsed_s": 30.0}, {"epoch": 4, "test_acc": 0.941, "elapsed_s": 40.0}]
+    t = time_to_acc(rows)
+    assert t["0.90"] == {"epoch": 2, "wall_s": 21.5} and t["0.92"] == {"epoch": 2, "wall_s": 21.5}
+    assert t["0.93"] == t["0.94"] == {"epoch": 4, "wall_s": 40.0} and t["0.95"] is None
+
+
+class _Run:
+    def __init__(self, epochs: int, dataset: str):
+        self.cfg = {"epochs": epochs, "data": {"name": dataset}}
+        self.eta_hint_given = False
+
+
+@pytest.mark.parametrize("epochs,expect", [(10, True), (1, False)])
+def test_cpu_eta_hint_names_the_eta_and_the_cpu_recipe_once(caplog, epochs, expect):
+    tr = _Run(epochs, "fashion_mnist")
+    run = Running(steps=10, train_seconds=20.0)  # 2 s a step, 235 steps an epoch
+    with caplog.at_level(logging.WARNING, logger="resnet_cli"):
+        _eta_hint(tr, run, epoch=1, steps_per_epoch=235)
+        _eta_hint(tr, run, epoch=1, steps_per_epoch=235)
+    lines = [r.getMessage() for r in caplog.records]
+    if expect:
+        assert len(lines) == 1 and "1 h 18 min" in lines[0] and "experiment=cpu" in lines[0]
+    else:
+        assert lines == []
+    assert tr.eta_hint_given

@@ -15,7 +15,7 @@ from .checkpoint import atomic_write_bytes
 log = logging.getLogger("resnet_cli")
 
 # Fields that depend on the machine's speed, not on the computation.
-TIMING_FIELDS = ("epoch_time_s", "train_images_per_s", "eval_time_s", "wall_time_s")
+TIMING_FIELDS = ("epoch_time_s", "train_images_per_s", "eval_time_s", "wall_time_s", "elapsed_s")
 
 
 def progress_mode(setting: str) -> str:

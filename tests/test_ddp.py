@@ -100,17 +100,17 @@ def test_each_rank_gets_a_disjoint_share_covering_the_data():
     from resnet_cli.data.batches import EpochOrder, LoaderBatches
 
     n, batch = 103, 10
-    ids = TensorDataset(torch.arange(n))
+    ids = TensorDataset(torch.arange(n), torch.arange(n))  # (image, label): here both the index
     for epoch in (0, 1):
         shares = []
         for rank in range(2):
             order = EpochOrder(n, batch, True, 0, rank, 2, drop_last=True)
             loader = LoaderBatches(ids, order, torch.device("cpu"), num_workers=0)
-            shares.append([int(i) for (x,) in loader.batches(epoch) for i in x])
+            shares.append([int(i) for x, _ in loader.batches(epoch) for i in x])
         a, b = set(shares[0]), set(shares[1])
         assert len(shares[0]) == len(shares[1]) == 50 and not a & b  # 2 x 5 full batches of 10
         assert len(a | b) == 100 and (a | b) <= set(range(n))
-    test = [set(int(i) for (x,) in LoaderBatches(ids, EpochOrder(n, batch, False, 0, r, 2), torch.device("cpu"),
+    test = [set(int(i) for x, _ in LoaderBatches(ids, EpochOrder(n, batch, False, 0, r, 2), torch.device("cpu"),
                                                   0).batches() for i in x) for r in range(2)]
     assert test[0] | test[1] == set(range(n)) and not test[0] & test[1]  # evaluation: every sample once
 

@@ -23,7 +23,7 @@ TINY = ["data=synthetic", "data.train_size=512", "data.test_size=64", "batch_siz
         "trainer.progress=plain", "epochs=3", "trainer.eval_batch_size=64", "data.augment=standard"]
 # The DataLoader path, with persistent worker processes.
 LOADER = ["data.pipeline=loader", "data.num_workers=2"]
-TIMING = {"epoch_time_s", "train_images_per_s", "eval_time_s"}
+TIMING = {"epoch_time_s", "train_images_per_s", "eval_time_s", "elapsed_s"}
 
 
 def only_run(root: Path) -> Path:

@@ -19,15 +19,9 @@ from typing import Any, Sequence
 
 import torch
 
+from .errors import CheckpointError, OutputError
+
 FORMAT = "resnet-cli/1"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that is missing, unreadable or not ours; the message names the file."""
-
-
-class OutputError(RuntimeError):
-    """A result that could not be written (folder not writable, disk full)."""
 
 
 def writable_folder_error(folder: str | os.PathLike) -> str | None:

@@ -1,5 +1,5 @@
-"""Shared command-line plumbing: compose configs, check them before anything runs, and turn
-known errors into one line on stderr with exit code 2 (HYDRA_FULL_ERROR=1 shows tracebacks).
+"""Shared command-line plumbing: compose configs, check them before anything runs, and hand
+over to Hydra. Known errors become one line on stderr (resnet_cli/errors.py).
 
 Hydra prints multi-line reports for config errors and exits 1; we compose the same configs
 first (each job of a sweep too) so that bad input is refused before a run folder exists.
@@ -10,51 +10,21 @@ from __future__ import annotations
 import difflib
 import os
 import sys
-from contextlib import contextmanager
-from typing import Any, Callable, Iterator
+from pathlib import Path
+from typing import Any, Callable
 
 from omegaconf import DictConfig, OmegaConf
 
-EXIT_USAGE = 2
+# Re-exported: the commands took these from here before resnet_cli/errors.py existed.
+from .errors import EXIT_FAILURE, EXIT_USAGE, ConfigError, fail, known_error_types, user_errors
+
+__all__ = ["EXIT_USAGE", "check_output_folder", "compose", "fail", "hydra_error_line", "known_error_types",
+           "prepare_train_argv", "run_hydra_app", "split_argv", "user_errors", "validate"]
+
 # Hydra flags that only print something: nothing to validate then.
 _INFO_FLAGS = {"--help", "-h", "--hydra-help", "--version", "--cfg", "-c", "--info", "-i", "--shell-completion", "-sc"}
 _VALUE_FLAGS = {"--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd", "--cfg", "-c", "--package",
                 "-p", "--info", "-i", "--experimental-rerun"}
-
-
-def known_error_types() -> tuple[type[BaseException], ...]:
-    """Errors whose message is already the one line a user should see."""
-    from .checkpoint import CheckpointError, OutputError
-    from .config import ConfigError
-    from .data import DataError
-    from .engine import NonFiniteLoss
-    from .models import ModelConfigError
-
-    return ConfigError, ModelConfigError, DataError, CheckpointError, OutputError, NonFiniteLoss
-
-
-def _exit_code(e: BaseException) -> int:
-    from .checkpoint import OutputError
-    from .engine import NonFiniteLoss
-
-    # bad input is a usage error (2); a run that failed while running is a plain failure (1)
-    return 1 if isinstance(e, (OutputError, NonFiniteLoss)) else EXIT_USAGE
-
-
-def fail(message: str, code: int = EXIT_USAGE) -> None:
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(code)
-
-
-@contextmanager
-def user_errors() -> Iterator[None]:
-    """Known errors -> one line and exit code. Anything else propagates (a real bug)."""
-    try:
-        yield
-    except known_error_types() as e:
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
-            raise
-        fail(str(e), code=_exit_code(e))
 
 
 def split_argv(argv: list[str]) -> tuple[list[str], list[str]]:
@@ -132,13 +102,7 @@ def compose(config_name: str, overrides: list[str], with_hydra: bool = False) ->
         except Exception as e:  # Hydra and OmegaConf raise many types; all are bad input here
             if os.environ.get("HYDRA_FULL_ERROR") == "1":
                 raise
-            raise _config_error(hydra_error_line(e, overrides)) from None
-
-
-def _config_error(msg: str) -> Exception:
-    from .config import ConfigError
-
-    return ConfigError(msg)
+            raise ConfigError(hydra_error_line(e, overrides)) from None
 
 
 def _sweep_jobs(overrides: list[str], limit: int = 256) -> list[list[str]]:
@@ -159,6 +123,8 @@ def _sweep_jobs(overrides: list[str], limit: int = 256) -> list[list[str]]:
 
 
 def validate(config_name: str, overrides: list[str], multirun: bool) -> DictConfig:
+    """Compose and check every job's config (a sweep's too); returns the last one. The run
+    folder is checked separately (`check_output_folder`)."""
     from .config import check_values
     from .data import check_available
 
@@ -169,7 +135,7 @@ def validate(config_name: str, overrides: list[str], multirun: bool) -> DictConf
         try:  # interpolations and required (???) values
             OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
         except Exception as e:
-            raise _config_error(hydra_error_line(e, job)) from None
+            raise ConfigError(hydra_error_line(e, job)) from None
         check_values(cfg)
         if "model" in cfg:
             from .models import ModelSpec
@@ -180,12 +146,12 @@ def validate(config_name: str, overrides: list[str], multirun: bool) -> DictConf
             from .engine import resolve_device
 
             resolve_device(cfg.trainer.device)
-    if config_name == "train":
-        _check_output_folder(overrides, multirun)
     return cfg
 
 
-def _check_output_folder(overrides: list[str], multirun: bool) -> None:
+def check_output_folder(overrides: list[str], multirun: bool) -> str:
+    """The run folder (the sweep folder with -m) that Hydra will create, refused in one line
+    when it cannot be created. Time stamps in its name are resolved now."""
     from .checkpoint import writable_folder_error
 
     # one whole job: launcher/sweeper groups (hydra/launcher=joblib, hparams_search=...) decide
@@ -196,41 +162,48 @@ def _check_output_folder(overrides: list[str], multirun: bool) -> None:
     folder = hcfg.sweep.dir if multirun else hcfg.run.dir
     why = writable_folder_error(folder)
     if why:
-        raise _config_error(f"{key}={folder}: cannot create the run folder ({why}); "
+        raise ConfigError(f"{key}={folder}: cannot create the run folder ({why}); "
                           "run from a writable folder or set hydra.run.dir=")
     if not multirun:
-        from pathlib import Path
-
         # A second run started into a run's folder would append to its metrics and replace its
         # checkpoints: only resume= may continue a run.
         held = [n for n in ("checkpoints/last.pt", "metrics.jsonl") if (Path(folder) / n).exists()]
         if held:
-            raise _config_error(f"{key}={folder}: holds a run already ({held[0]}); continue it with "
-                                f"resume={folder}, or choose another folder")
+            raise ConfigError(f"{key}={folder}: holds a run already ({held[0]}); continue it with "
+                              f"resume={folder}, or choose another folder")
+    return str(folder)
 
 
 def _quote(value: str) -> str:
     return value if all(c.isalnum() or c in "/._-:" for c in value) else "'" + value.replace("'", "\\'") + "'"
 
 
-def prepare_train_argv(argv: list[str], dinfo) -> list[str]:
+def _key(override: str) -> str:
+    return override.lstrip("+~").split("=", 1)[0]
+
+
+def prepare_train_argv(argv: list[str], dinfo) -> tuple[list[str], Path | None]:
     """Validate, then rewrite argv for the cases Hydra alone gets wrong:
 
     - resume=<run>: compose with the run's original overrides first (so `resnet-train
       resume=DIR` continues the same experiment), write into that run folder, and keep its
       .hydra/ record as it was;
-    - torchrun: every rank writes into rank 0's run folder; only rank 0 logs to it."""
+    - torchrun: every rank writes into rank 0's run folder; only rank 0 logs to it;
+    - -m: the sweep folder is pinned, so this process knows where the sweep's summary.json
+      will be once Hydra returns.
+
+    Returns (argv for Hydra, the sweep folder of a multirun or None)."""
     from .checkpoint import load_checkpoint, resolve_resume
 
     flags, overrides = split_argv(argv)
     multirun = "-m" in flags or "--multirun" in flags
     if any(f.split("=")[0] in _INFO_FLAGS for f in flags) or any(f.startswith(("--config-dir", "-cd")) for f in flags):
-        return argv
+        return argv, None
     resume = next((o.split("=", 1)[1] for o in reversed(overrides) if o.startswith("resume=")), None)
     extra: list[str] = []
     if resume and resume.lower() not in ("null", "none", ""):
         if multirun:
-            raise _config_error("resume: cannot be combined with --multirun; resume one run at a time")
+            raise ConfigError("resume: cannot be combined with --multirun; resume one run at a time")
         run_dir, ckpt = resolve_resume(resume)
         load_checkpoint(ckpt)  # refuse a damaged or foreign file before anything is written
         previous = run_dir / ".hydra" / "overrides.yaml"
@@ -239,17 +212,24 @@ def prepare_train_argv(argv: list[str], dinfo) -> list[str]:
             overrides = [str(o) for o in old] + overrides
         extra = [f"hydra.run.dir={_quote(str(run_dir))}", "hydra.output_subdir=null"]
     cfg = validate("train", overrides, multirun)
+    folder = check_output_folder(overrides, multirun)
+    sweep_dir = None
+    if multirun:
+        # Its default name holds ${now:...}: resolved once here, so Hydra writes where we read.
+        overrides = [o for o in overrides if _key(o) != "hydra.sweep.dir"]
+        extra.append(f"hydra.sweep.dir={_quote(folder)}")
+        sweep_dir = Path(folder).absolute()
     if dinfo.enabled:
         if multirun:
-            raise _config_error("--multirun: not supported under torchrun; launch one torchrun per job")
+            raise ConfigError("--multirun: not supported under torchrun; launch one torchrun per job")
         from . import distributed
 
         distributed.init(dinfo, str(cfg.trainer.device))
-        if not any(o.startswith("hydra.run.dir=") for o in overrides + extra):
+        if not any(_key(o) == "hydra.run.dir" for o in overrides + extra):
             extra.append(f"hydra.run.dir={_quote(distributed.shared_run_dir(dinfo))}")
         if not dinfo.is_main:
             extra += ["hydra.output_subdir=null", "hydra/job_logging=disabled"]
-    return flags + overrides + extra
+    return flags + overrides + extra, sweep_dir
 
 
 def run_hydra_app(config_name: str, task: Callable[[DictConfig, Any], Any]) -> None:
@@ -263,7 +243,8 @@ def run_hydra_app(config_name: str, task: Callable[[DictConfig, Any], Any]) -> N
 
     dinfo = distributed.from_env()
     with user_errors():
-        sys.argv = [sys.argv[0]] + prepare_train_argv(sys.argv[1:], dinfo)
+        argv, sweep_dir = prepare_train_argv(sys.argv[1:], dinfo)
+    sys.argv = [sys.argv[0]] + argv
     register_schemas()
 
     def _job(cfg: DictConfig) -> Any:
@@ -272,7 +253,7 @@ def run_hydra_app(config_name: str, task: Callable[[DictConfig, Any], Any]) -> N
 
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             # A failing job becomes a failed row of the sweep's summary and the other jobs
-            # still run (a SystemExit here would stop the whole sweep): see resnet_cli/sweep.py.
+            # still run (a SystemExit here would stop the whole sweep): see resnet_cli/sweep/jobs.py.
             from .sweep import sweep_job
 
             return sweep_job(task, cfg, dinfo)
@@ -283,8 +264,9 @@ def run_hydra_app(config_name: str, task: Callable[[DictConfig, Any], Any]) -> N
         hydra.main(version_base="1.3", config_path=str(config_dir()), config_name=config_name)(_job)()
     finally:
         distributed.shutdown()
-    from .sweep import failed_jobs_message
+    if sweep_dir is not None:
+        from .sweep import failed_jobs_message
 
-    failed = failed_jobs_message()  # set by the SweepSummary callback at the end of a multirun
-    if failed:
-        fail(failed, code=1)
+        failed = failed_jobs_message(sweep_dir)  # from the summary.json that SweepSummary wrote
+        if failed:
+            fail(failed, code=EXIT_FAILURE)

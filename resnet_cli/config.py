@@ -16,11 +16,8 @@ from typing import Any, Mapping, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from .errors import ConfigError
 from .models.resnet import ModelSpec
-
-
-class ConfigError(ValueError):
-    """Bad user input. The message is one line: key, value given, what is allowed."""
 
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")

@@ -14,15 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ConfigError
-
-
-class NonFiniteLoss(RuntimeError):
-    def __init__(self, epoch: int, step: int, value: float, what: str = "loss"):
-        super().__init__(
-            f"{what} became {value} at epoch {epoch}, step {step}; checkpoints written before are kept. "
-            "Try a lower lr, trainer.precision=fp32, trainer.grad_clip=1.0, "
-            "or trainer.skip_nonfinite=true to skip such steps")
-        self.epoch, self.step = epoch, step
+from .errors import NonFiniteLoss
 
 
 # ---------------------------------------------------------------- device and precision

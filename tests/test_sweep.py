@@ -1,11 +1,11 @@
-"""Sweeps: the multirun summary (resnet_cli/sweep.py), the sweep presets, and the configs of the
+"""Sweeps: the multirun summary (resnet_cli/sweep/), the sweep presets, and the configs of the
 optional launchers/sweepers (skipped when their Hydra plugin is not installed)."""
 
 from __future__ import annotations
 
 import csv
-import inspect
 import json
+import statistics
 from pathlib import Path
 
 import pytest
@@ -16,18 +16,6 @@ from omegaconf import OmegaConf
 SMALL = ("data=synthetic", "data.train_size=64", "data.test_size=32", "data.image_size=12", "batch_size=32",
          "epochs=1", "trainer.progress=plain", "trainer.precision=fp32", "trainer.channels_last=false")
 PNG = b"\x89PNG\r\n\x1a\n"
-
-
-def _cli_keeps_sweeps_going() -> bool:
-    """True once resnet_cli.cli runs multirun jobs through resnet_cli.sweep.sweep_job."""
-    import resnet_cli.cli as cli
-
-    return "import sweep_job" in inspect.getsource(cli)
-
-
-needs_sweep_job = pytest.mark.skipif(
-    not _cli_keeps_sweeps_going(),
-    reason="resnet_cli.cli does not route multirun jobs through resnet_cli.sweep.sweep_job yet")
 
 
 def _only_sweep_dir(cwd: Path) -> Path:
@@ -65,7 +53,8 @@ def _expand(params: dict, arguments: list[str]) -> list[list[str]]:
 # ---------------------------------------------------------------- the summary, on a made-up sweep folder
 
 def _job(sweep: Path, num: int, overrides: list[str], *, model: str, lr: float, residual: bool = True,
-         accs: list[float] | None = None, error: str | None = None, log: str = "") -> Path:
+         accs: list[float] | None = None, error: str | None = None, log: str = "", **results) -> Path:
+    """A job folder as resnet-train writes it; `results` adds (or replaces) keys of results.json."""
     d = sweep / str(num)
     (d / ".hydra").mkdir(parents=True)
     OmegaConf.save(OmegaConf.create(overrides), d / ".hydra" / "overrides.yaml")
@@ -82,9 +71,10 @@ def _job(sweep: Path, num: int, overrides: list[str], *, model: str, lr: float, 
     elif accs:
         best = max(rows, key=lambda r: r["test_acc"])
         (d / "results.json").write_text(json.dumps({
-            "model": model, "epochs": len(rows), "final": rows[-1], "best": best,
+            "model": model, "dataset": "synthetic", "epochs": len(rows), "final": rows[-1], "best": best,
             "best_test_acc": best["test_acc"], "best_epoch": best["epoch"], "parameters": 1000 + num,
-            "wall_time_s": 4.0}))
+            "device": "cpu", "device_name": "x86_64, 2 threads", "world_size": 1, "precision": "fp32",
+            "wall_time_s": 4.0, "mean_train_images_per_s": 100.0, **results}))
     return d
 
 
@@ -129,6 +119,8 @@ def test_summary_rows_files_and_table(fake_sweep: Path, capsys, monkeypatch):
     assert (doc["n_jobs"], doc["n_ok"], doc["n_failed"], doc["best_job"]) == (5, 3, 2, 1)
     assert doc["swept_keys"] == ["model", "lr"] and doc["fixed_overrides"] == ["data=synthetic", "epochs=3"]
     assert doc["jobs"][1]["lr"] == 0.5  # numbers stay numbers in the json
+    assert rows[1]["time_to_0.93"] == "" and rows[1]["best_val_acc"] == ""  # runs that did not record them
+    assert not (fake_sweep / "summary_by_config.csv").exists()  # no configuration ran twice
 
     for name in ("summary.png", "training_error.png"):  # several models: the training-error figure too
         assert (fake_sweep / name).read_bytes().startswith(PNG)
@@ -142,7 +134,10 @@ def test_summary_rows_files_and_table(fake_sweep: Path, capsys, monkeypatch):
     assert body[0].startswith("*") and not any(ln.startswith("*") for ln in body[1:])
     assert "best: job 1  model=resnet20 lr=0.5  best_test_acc 0.7500 (epoch 3)" in out
     assert "5 jobs, 3 ok, 2 failed" in out
-    assert sweep.failed_jobs_message().startswith("2 of 5 sweep jobs failed")
+    assert "to 0.9" not in out and "best val" not in out and "by configuration" not in out  # empty: not printed
+    # what the entry point reads after Hydra returns, to exit 1
+    assert sweep.failed_jobs_message(fake_sweep) == (
+        "2 of 5 sweep jobs failed; see multirun/2026-01-01/12-00-00/summary.csv")
 
 
 def test_summary_while_running_and_without_lr_sweep(tmp_path: Path):
@@ -169,6 +164,95 @@ def test_training_error_plot_setting(tmp_path: Path):
     assert not (s / "training_error.png").exists()
     sweep.summarize(s, training_error=True, print_table=False)
     assert (s / "training_error.png").is_file()
+
+
+def test_time_to_accuracy_and_validation_columns(tmp_path: Path, capsys, monkeypatch):
+    """results.json's time_to_acc becomes time_to_0.93 style columns (blank: not reached or not
+    recorded); with a validation split the best job is chosen on it, not on the test set."""
+    from resnet_cli import sweep
+
+    s = tmp_path / "sweep"
+    reached = {"0.90": {"epoch": 2, "wall_s": 20.5}, "0.92": {"epoch": 3, "wall_s": 30.25}, "0.93": None,
+               "0.94": None, "0.95": None}
+    _job(s, 0, ["lr=0.1"], model="resnet20", lr=0.1, accs=[0.9, 0.95, 0.975], time_to_acc=reached,
+         best_val_acc=0.91, final_val_acc=0.905, selection="val")
+    _job(s, 1, ["lr=0.2"], model="resnet20", lr=0.2, accs=[0.9, 0.96, 0.99],  # best on test, not on val
+         time_to_acc={"0.9": {"epoch": 1, "wall_s": 9.0}}, best_val_acc=0.90, final_val_acc=0.89, selection="val")
+    monkeypatch.chdir(tmp_path)
+    doc = sweep.summarize(s)
+    out = capsys.readouterr().out
+    rows = _csv(s / "summary.csv")
+    columns = list(rows[0])
+    assert [c for c in columns if c.startswith("time_to_")] == [f"time_to_{t}" for t in sweep.THRESHOLDS]
+    assert [rows[0][f"time_to_{t}"] for t in sweep.THRESHOLDS] == ["20.5", "30.25", "", "", ""]
+    assert [rows[1][f"time_to_{t}"] for t in sweep.THRESHOLDS] == ["9.0", "", "", "", ""]  # "0.9" is 0.90
+    assert (rows[0]["best_val_acc"], rows[0]["final_val_acc"], rows[0]["selection"]) == ("0.91", "0.905", "val")
+    assert doc["best_job"] == 0 and "best: job 0  lr=0.1  best_val_acc 0.9100 (epoch 3)" in out
+    header = next(ln for ln in out.splitlines() if ln.lstrip().startswith("job"))
+    assert "best val" in header and "to 0.90 s" in header and "to 0.92 s" in header
+    assert "to 0.93 s" not in header  # no job reached it: not printed
+
+
+def test_objective_prefers_the_validation_split(tmp_path: Path, hydra_job):
+    from resnet_cli import sweep
+
+    hydra_job(sweep.BASIC_SWEEPER)
+    assert sweep.sweep_job(lambda cfg: {"best_test_acc": 0.9, "best_val_acc": 0.8}, None) == 0.8
+    assert sweep.sweep_job(lambda cfg: {"best_test_acc": 0.9, "best_val_acc": None}, None) == 0.9
+
+
+def test_jobs_that_differ_only_in_seed_form_one_configuration(tmp_path: Path, capsys, monkeypatch):
+    from resnet_cli import sweep
+
+    s = tmp_path / "multirun" / "2026-01-01" / "12-00-00"
+    final = {(0.05, 0): [0.5, 0.61], (0.05, 1): [0.55, 0.6], (0.05, 2): [0.5, 0.66],
+             (0.1, 0): [0.7, 0.72], (0.1, 1): [0.7, 0.7]}
+    for num, ((lr, seed), accs) in enumerate(final.items()):
+        _job(s, num, ["data=synthetic", f"lr={lr}", f"seed={seed}"], model="resnet20", lr=lr, accs=accs)
+    _job(s, 5, ["data=synthetic", "lr=0.1", "seed=2"], model="resnet20", lr=0.1, accs=[0.2],
+         error="loss became nan at epoch 2, step 1")
+    monkeypatch.chdir(tmp_path)
+    sweep.summarize(s)
+    out = capsys.readouterr().out
+
+    groups = _csv(s / "summary_by_config.csv")
+    assert [(g["config"], g["lr"], g["n"], g["n_failed"], g["jobs"], g["seeds"]) for g in groups] == [
+        ("lr=0.05", "0.05", "3", "0", "0 1 2", "0 1 2"), ("lr=0.1", "0.1", "2", "1", "3 4 5", "0 1 2")]
+    for g, lr in zip(groups, (0.05, 0.1)):
+        for metric, pick in (("best_test_acc", max), ("final_test_acc", lambda a: a[-1])):
+            values = [pick(accs) - 0.05 for (l, _), accs in final.items() if l == lr]  # test_acc = acc - 0.05
+            assert float(g[f"{metric}_mean"]) == pytest.approx(statistics.mean(values))
+            assert float(g[f"{metric}_std"]) == pytest.approx(statistics.stdev(values))  # n - 1
+            assert (float(g[f"{metric}_min"]), float(g[f"{metric}_max"])) == pytest.approx((min(values), max(values)))
+        assert g["best_val_acc_mean"] == ""  # no validation split in these runs
+    doc = json.loads((s / "summary_by_config.json").read_text())
+    assert doc["grouped_over"] == "seed" and doc["config_keys"] == ["lr"] and doc["n_configs"] == 2
+    assert doc["configs"][1]["best_test_acc_mean"] == pytest.approx(0.66)
+
+    section = out[out.index("by configuration"):].splitlines()
+    assert section[0].startswith("by configuration: 2 configurations")
+    assert [ln.split()[:3] for ln in section[3:5]] == [["0.1", "resnet20", "2"], ["0.05", "resnet20", "3"]]
+    assert "0.6600 ± 0.0141" in section[3] and "0.5733 ± 0.0321" in section[4]  # best acc, by mean
+    assert "summary_by_config.csv, summary_by_config.json" in out
+
+
+def test_multirun_pins_the_sweep_folder(tmp_path: Path, monkeypatch):
+    """The entry point knows the sweep folder before Hydra runs (its default name holds the
+    time), so it can read the summary.json that the callback writes there."""
+    import re
+
+    from resnet_cli.cli import prepare_train_argv
+    from resnet_cli.distributed import DistInfo
+
+    monkeypatch.chdir(tmp_path)
+    argv, sweep_dir = prepare_train_argv(["-m", *SMALL, "lr=0.1,0.2"], DistInfo())
+    pinned = [a.split("=", 1)[1] for a in argv if a.startswith("hydra.sweep.dir=")]
+    assert len(pinned) == 1 and re.fullmatch(r"multirun/\d{4}-\d\d-\d\d/\d\d-\d\d-\d\d", pinned[0])
+    assert sweep_dir == tmp_path / pinned[0]
+    argv, sweep_dir = prepare_train_argv(["-m", *SMALL, "lr=0.1,0.2", "hydra.sweep.dir=my sweep"], DistInfo())
+    assert [a for a in argv if "sweep.dir" in a] == ["hydra.sweep.dir='my sweep'"] and sweep_dir == tmp_path / "my sweep"
+    argv, sweep_dir = prepare_train_argv(list(SMALL), DistInfo())  # a single run: nothing to pin
+    assert sweep_dir is None and argv == list(SMALL)
 
 
 def test_callback_leaves_single_runs_alone(tmp_path: Path):
@@ -281,7 +365,6 @@ def test_slurm_gpu_launcher_composes():
 # ---------------------------------------------------------------- real sweeps
 
 @pytest.mark.slow
-@needs_sweep_job
 def test_multirun_with_a_failing_job(tmp_path: Path):
     """4 jobs; the two at lr=1e30 diverge at run time (NonFiniteLoss). The sweep goes on, the
     summary has every job, and the command exits 1 naming the failures."""
@@ -323,7 +406,6 @@ def test_joblib_launcher_runs_a_sweep(tmp_path: Path):
 
 
 @pytest.mark.slow
-@needs_sweep_job
 def test_optuna_lr_search_runs(tmp_path: Path):
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
     proc = run_cli("resnet-train", "-m", "hparams_search=lr_optuna", "hydra.sweeper.n_trials=2", *SMALL,

@@ -15,9 +15,7 @@ from typing import Any
 
 import torch
 
-
-class DataError(RuntimeError):
-    """Data that cannot be found or read; the message says where and what to do."""
+from ..errors import DataError
 
 
 @dataclass(frozen=True)

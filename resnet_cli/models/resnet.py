@@ -12,15 +12,12 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from ..errors import ModelConfigError
 from .blocks import BLOCKS, PREACT_BLOCKS, NormLayer
 from .stems import STEMS
 
 SHORTCUTS = ("projection", "identity", "conv")
 INITS = ("kaiming", "xavier")
-
-
-class ModelConfigError(ValueError):
-    """A model config that cannot be built; the message names the key."""
 
 
 @dataclass

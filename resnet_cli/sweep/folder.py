@@ -1,0 +1,175 @@
+"""Reading a sweep folder: one row per job folder, and which overrides the jobs vary.
+
+A job folder is what `resnet-train` writes (.hydra/overrides.yaml, results.json,
+metrics.jsonl, train.log) plus `error.txt` when it failed. Every file is read defensively:
+a sweep that is still running, or was killed, has half-written or missing files.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from .jobs import ERROR_FILE
+
+
+def split_override(override: str) -> tuple[str, str]:
+    key, _, value = str(override).partition("=")
+    return key.lstrip("+~"), value
+
+
+def _value(text: str) -> Any:
+    """An override's value as a number where it is one ('0.05' -> 0.05), else the string."""
+    for cast in (int, float):
+        try:
+            v = cast(text)
+            return v if math.isfinite(v) else text
+        except ValueError:
+            pass
+    return text
+
+
+def load_yaml(path: Path) -> Any:
+    try:
+        return OmegaConf.to_container(OmegaConf.load(path), resolve=False) if path.is_file() else None
+    except Exception:  # a half-written or foreign file: treat as absent
+        return None
+
+
+def load_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text()) if path.is_file() else None
+    except (OSError, ValueError):
+        return None
+
+
+def _metrics(path: Path) -> list[dict[str, Any]]:
+    rows = []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except ValueError:  # a line cut short by a crash
+                break
+    return rows
+
+
+def job_dirs(sweep_dir: Path) -> list[Path]:
+    """Folders under the sweep dir holding a job's .hydra/overrides.yaml."""
+    if not sweep_dir.is_dir():
+        return []
+    found = {p.parent.parent for p in sweep_dir.rglob("overrides.yaml") if p.parent.name == ".hydra"}
+    found.discard(sweep_dir)
+    return sorted(found)
+
+
+def _log_detail(job_dir: Path) -> tuple[str | None, int | None]:
+    """(last error or warning line, parameter count) from the job's log file."""
+    last, params = None, None
+    for log_file in sorted(job_dir.glob("*.log")):
+        try:
+            text = log_file.read_text(errors="replace")
+        except OSError:
+            continue
+        for line in text.splitlines():
+            if "[ERROR]" in line or "[WARNING]" in line:
+                last = line.split("] ", 2)[-1].strip()
+            m = re.search(r": ([\d,]+) parameters", line)
+            if m:
+                params = int(m.group(1).replace(",", ""))
+    return last, params
+
+
+def _time_to(results: dict[str, Any]) -> dict[str, Any]:
+    """results.json's {"time_to_acc": {"0.93": {"epoch": 3, "wall_s": 123.4} | null}} as
+    `time_to_0.93` fields holding the wall seconds (None: never reached)."""
+    out = {}
+    for threshold, reached in (results.get("time_to_acc") or {}).items():
+        try:
+            name = f"time_to_{float(threshold):.2f}"
+        except (TypeError, ValueError):
+            continue
+        out[name] = reached.get("wall_s") if isinstance(reached, dict) else None
+    return out
+
+
+def read_job(job_dir: Path, final: bool = True) -> dict[str, Any]:
+    """Everything the summary says about one job folder (plus private `_` keys for the plots)."""
+    overrides = [str(o) for o in (load_yaml(job_dir / ".hydra" / "overrides.yaml") or [])]
+    if job_dir.name.isdigit():  # hydra.sweep.subdir is the job number unless changed
+        num = int(job_dir.name)
+    else:
+        num = ((load_yaml(job_dir / ".hydra" / "hydra.yaml") or {}).get("hydra") or {}).get("job", {}).get("num")
+        num = num if isinstance(num, int) else None
+    results = load_json(job_dir / "results.json")
+    # the job's config: for the plots, and the model name of a job that wrote no results
+    cfg = (load_yaml(job_dir / ".hydra" / "config.yaml") or {}) if final or results is None else {}
+    metrics = _metrics(job_dir / "metrics.jsonl")
+    model_cfg = cfg.get("model") if isinstance(cfg.get("model"), dict) else {}
+    row: dict[str, Any] = {"job": num, "_overrides": overrides, "_metrics": metrics, "_dir": job_dir,
+                           "_residual": bool(model_cfg.get("residual", True)), "_lr": cfg.get("lr"),
+                           "model": (results or {}).get("model") or model_cfg.get("name"), "error": None}
+    if isinstance(results, dict):
+        final_m = results.get("final") or {}
+        row.update(status="ok", best_test_acc=results.get("best_test_acc"), best_epoch=results.get("best_epoch"),
+                   final_test_acc=final_m.get("test_acc"), final_train_loss=final_m.get("train_loss"),
+                   best_val_acc=results.get("best_val_acc"), final_val_acc=results.get("final_val_acc"),
+                   selection=results.get("selection"), epochs_done=results.get("epochs"),
+                   wall_time_s=results.get("wall_time_s"), parameters=results.get("parameters"),
+                   **_time_to(results))
+        return row
+    # no results.json: failed, or (while the sweep runs) not finished yet
+    error_file = job_dir / ERROR_FILE
+    log_line, params = _log_detail(job_dir)
+    if error_file.is_file():
+        status, error = "failed", (error_file.read_text(errors="replace").splitlines() or ["failed"])[0]
+    elif final:
+        status = "failed"
+        error = "no results.json: the job was interrupted or killed" + (f" (last logged: {log_line})"
+                                                                          if log_line else "")
+    else:
+        status, error = "running", None
+    best = max(metrics, key=lambda r: r["test_acc"]) if metrics else {}
+    val = [m["val_acc"] for m in metrics if m.get("val_acc") is not None]
+    row.update(status=status, error=error, best_test_acc=best.get("test_acc"), best_epoch=best.get("epoch"),
+               final_test_acc=metrics[-1]["test_acc"] if metrics else None,
+               final_train_loss=metrics[-1]["train_loss"] if metrics else None,
+               best_val_acc=max(val) if val else None, final_val_acc=metrics[-1].get("val_acc") if metrics else None,
+               epochs_done=len(metrics),
+               wall_time_s=sum(r.get("epoch_time_s", 0.0) for r in metrics) if metrics else None,
+               parameters=params)
+    return row
+
+
+def collect(sweep_dir: Path, final: bool = True) -> tuple[list[dict[str, Any]], list[str], list[str]]:
+    """(rows sorted by job, swept keys, overrides shared by every job)."""
+    rows = [read_job(d, final) for d in job_dirs(sweep_dir)]
+    for i, r in enumerate(rows):  # folders not named by number: number them in order
+        if r["job"] is None:
+            r["job"] = i
+    rows.sort(key=lambda r: r["job"])
+    keys: list[str] = []
+    values: dict[str, set[str]] = {}
+    for r in rows:
+        for o in r["_overrides"]:
+            k, v = split_override(o)
+            if k not in values:
+                keys.append(k)
+                values[k] = set()
+            values[k].add(v)
+    swept = [k for k in keys if len(values[k]) > 1 or any(k not in {split_override(o)[0] for o in r["_overrides"]}
+                                                           for r in rows)]
+    fixed = sorted({o for r in rows for o in r["_overrides"] if split_override(o)[0] not in swept},
+                   key=lambda o: keys.index(split_override(o)[0]))
+    for r in rows:
+        given = dict(split_override(o) for o in r["_overrides"])
+        r["_swept"] = {k: _value(given[k]) if k in given else None for k in swept}
+        shown = [o for o in r["_overrides"] if split_override(o)[0] in swept] if swept else r["_overrides"]
+        r["overrides"] = " ".join(shown)
+    return rows, swept, fixed
+

@@ -25,6 +25,7 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 AUGMENTS = ("none", "standard")
 PIPELINES = ("auto", "memory", "loader")
 PROGRESS = ("auto", "bar", "plain", "none")
+CUDA_GRAPHS = ("auto", "true", "false")
 DATASETS = ("fashion_mnist", "mnist", "cifar10", "cifar100", "imagefolder", "synthetic")
 
 
@@ -67,6 +68,9 @@ class TrainerConfig:
     cudnn_benchmark: bool = True
     progress: str = "auto"  # auto (bar on a terminal) | bar | plain | none
     checkpoint_every_steps: Optional[int] = None  # also save mid-epoch; None: each epoch end
+    # auto: on for single-process CUDA runs without trainer.compile; a step that is not
+    # launch-bound (issue 12). A string: a command-line true/false arrives as "True"/"False".
+    cuda_graphs: str = "auto"  # auto | true | false
 
 
 @dataclass
@@ -120,6 +124,8 @@ def check_values(cfg: Mapping[str, Any]) -> None:
     _check(t["grad_clip"] is None or t["grad_clip"] > 0, "trainer.grad_clip", t["grad_clip"], "must be > 0 or null")
     _check(t["eval_batch_size"] >= 1, "trainer.eval_batch_size", t["eval_batch_size"], "must be >= 1")
     _check(t["progress"] in PROGRESS, "trainer.progress", t["progress"], f"choose from {', '.join(PROGRESS)}")
+    _check(str(t["cuda_graphs"]).lower() in CUDA_GRAPHS, "trainer.cuda_graphs", t["cuda_graphs"],
+           f"choose from {', '.join(CUDA_GRAPHS)}")
     _check(t["checkpoint_every_steps"] is None or t["checkpoint_every_steps"] >= 1,
            "trainer.checkpoint_every_steps", t["checkpoint_every_steps"], "must be >= 1 or null")
     opt = cfg["optimizer"]

@@ -7,9 +7,10 @@ On an H100, d2l_resnet18 stepped 2.5x slower than resnet18 in bf16 channels_last
 Both have a 1-input-channel 7x7 stem here. d2l differs in three ways: a bias on every conv,
 including those right before a BatchNorm (whose mean subtraction cancels it); bare biased
 1x1 projections with no BatchNorm; and Xavier init, which cannot change speed. PyTorch's
-cuDNN path does not fuse a conv bias: it adds it in a separate kernel and reduces
-grad_output over N, H and W for its gradient (aten/src/ATen/native/Convolution.cpp), once per
-biased conv and step. The variants below separate these causes. Variants marked equivalent
+cuDNN path does not fuse a conv bias: since pytorch/pytorch#31524 it adds it in a separate
+kernel, and convolution_backward reduces grad_output over N, H and W in a separate `sum` for
+its gradient (pytorch/pytorch#89128), once per biased conv and step, plus autocast's casts of
+each bias. The variants below separate these causes. Variants marked equivalent
 have the same parameters, state_dict keys and outputs (checked here, in fp32, on every run);
 the others are different networks, measured only to find the cause.
 

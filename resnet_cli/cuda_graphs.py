@@ -20,6 +20,7 @@ Correct by construction:
 
 from __future__ import annotations
 
+import inspect
 import logging
 from contextlib import contextmanager
 from typing import Iterator
@@ -93,6 +94,14 @@ class _LossOf(nn.Module):
         return logits.detach(), loss
 
 
+def _capture_mode() -> dict[str, str]:
+    # DataLoader's pin-memory thread allocates pinned memory while we capture; in the default
+    # "global" mode that invalidates the capture. "thread_local" only guards this thread.
+    # (The argument is newer than torch 2.3; without it, such a capture fails and runs eagerly.)
+    params = inspect.signature(torch.cuda.make_graphed_callables).parameters
+    return {"capture_error_mode": "thread_local"} if "capture_error_mode" in params else {}
+
+
 class GraphedForward:
     """A StepContext.forward that replays forward+backward of `model` from CUDA graphs.
 
@@ -111,7 +120,8 @@ class GraphedForward:
         if usable and self.graphed is None and self.failure is None and x.shape[0] == self.batch_size:
             self._capture(ctx, x, y)
         if usable and self.graphed is not None and self._fits(x, y):
-            logits, loss = self.graphed(x, y)
+            with torch.cuda.device(x.device):  # a graph replays on the current device's stream
+                logits, loss = self.graphed(x, y)
             # Static buffers: the next replay overwrites them (the engine keeps losses for its
             # batched non-finite check).
             return logits.clone(), loss.clone()
@@ -128,10 +138,16 @@ class GraphedForward:
         try:
             if x.device.type != "cuda":  # a graph would capture no CPU work and replay stale outputs
                 raise RuntimeError(f"batches on {x.device}, not a CUDA device")
+            main = torch.cuda.current_stream(x.device)
             with preserved(self.model, x.device):
-                # Only the arguments every torch >= 2.3 takes.
-                self.graphed = torch.cuda.make_graphed_callables(step, static, num_warmup_iters=self.warmup,
-                                                                 allow_unused_input=True)
+                try:
+                    with torch.cuda.device(x.device):
+                        self.graphed = torch.cuda.make_graphed_callables(
+                            step, static, num_warmup_iters=self.warmup, allow_unused_input=True, **_capture_mode())
+                finally:
+                    # torch.cuda.graph leaves its capture stream current when capture_end fails;
+                    # put ours back before anything else (the buffers' restore) runs.
+                    torch.cuda.set_stream(main)
         except Exception as e:  # noqa: BLE001 (whatever broke the capture, eager training still works)
             self.graphed = None
             self.failure = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"

@@ -126,6 +126,7 @@ def test_a_failed_capture_trains_eagerly_with_one_log_line(caplog):
         states.append(model.state_dict())
     assert ctx.forward.graphed is None and ctx.forward.failure
     assert sum("capture failed" in r.getMessage() for r in caplog.records) == 1
+    assert torch.cuda.current_stream() == torch.cuda.default_stream()  # not the failed capture's stream
     # eager both times (cuDNN's weight gradients may sum in any order: close, not equal)
     for (name, a), b in zip(states[1].items(), states[0].values()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)

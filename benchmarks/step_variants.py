@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 
@@ -130,7 +129,8 @@ def build(v: Variant, device: torch.device) -> nn.Module:
 def equivalence(v: Variant, device: torch.device, size: int) -> dict[str, Any]:
     """Same state_dict keys and shapes as the preset, and the largest output difference (fp32)."""
     base, other = build(Variant(v.preset, ""), device), build(v, device)
-    same_keys = {k: t.shape for k, t in base.state_dict().items()} == {k: t.shape for k, t in other.state_dict().items()}
+    shapes = [{k: t.shape for k, t in m.state_dict().items()} for m in (base, other)]
+    same_keys = shapes[0] == shapes[1]
     x = torch.randn(8, 1, size, size, device=device, generator=torch.Generator(device).manual_seed(1))
     with torch.no_grad():
         diff = max((base.train()(x) - other.train()(x)).abs().max().item(),

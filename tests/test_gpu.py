@@ -25,7 +25,7 @@ from resnet_cli.data import load_data
 from resnet_cli.data.prefetch import prefetched
 from resnet_cli.engine import NonFiniteLoss, StepContext, train_one_epoch
 
-from conftest import run_cli
+from conftest import command, run_cli
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -193,7 +193,7 @@ def test_resume_after_an_interrupt_equals_an_uninterrupted_run(straight_run, tmp
         if rows and rows[0].read_text().strip():
             break
         time.sleep(0.02)
-    time.sleep(0.2)  # into epoch 2
+    time.sleep(0.5)  # into epoch 2
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 130, err[-3000:]  # stopped, not finished
@@ -213,8 +213,7 @@ def test_resnet_eval_reproduces_the_best_test_accuracy(straight_run, tmp_path):
 
 
 def _torchrun(nproc: int, *args: str, cwd: Path) -> Path:
-    exe = Path(sys.executable).parent / "torchrun"
-    cmd = [str(exe), "--standalone", f"--nproc_per_node={nproc}", "-m", "resnet_cli.train", *args]
+    cmd = [command("torchrun"), "--standalone", f"--nproc_per_node={nproc}", "-m", "resnet_cli.train", *args]
     proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"torchrun exited {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
     return _only_run(cwd)

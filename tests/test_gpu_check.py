@@ -34,7 +34,7 @@ def test_without_cuda_it_fails_in_one_line(tmp_path):
 
 
 @pytest.mark.parametrize("args,needle", [
-    (["--parts", "default_run,fast_run"], "--parts fast_run: choose from default_run, throughput, step_variants, pytest_gpu"),
+    (["--parts", "default_run,fast"], "--parts fast: choose from default_run, throughput, step_variants, pytest_gpu"),
     (["--data-root", "/no/such/folder"], "--data-root /no/such/folder: no FashionMNIST/raw folder there"),
 ])
 def test_bad_arguments_fail_in_one_line(args, needle):

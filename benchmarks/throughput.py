@@ -1,16 +1,21 @@
 """Training throughput: the d2l reference loop against resnet-cli's own path, in one process,
-on one device, for the same model, input size and batch.
+on one device, for the same model, input size and batch; once with the reference's model
+(d2l_resnet18) and once with resnet-train's default (resnet18).
 
     python benchmarks/throughput.py                       # Fashion-MNIST if found, else synthetic
     python benchmarks/throughput.py --data-root ../shared/data --steps 8 --cli
+    python benchmarks/throughput.py --model resnet18      # one model only
 
 Reference loop (seed-reference.md): torchvision FashionMNIST -> per-sample PIL Resize(96) +
 ToTensor -> DataLoader(batch 256, shuffle, 4 workers) -> fp32 NCHW model, plain SGD.
 resnet-cli path: the dataset decoded once into a uint8 tensor on the device, per-batch resize
 (+ crop/flip/normalize) there, `trainer.precision=auto` and channels_last, the same
-train_one_epoch that resnet-train runs. Both timings include data loading; the first
+train_one_epoch that resnet-train runs (on CUDA with its CUDA graphs and side-stream
+prefetch, as `trainer.cuda_graphs=auto` gives). Both timings include data loading; the first
 `--warmup` steps of each are not timed. Prints images/s, the ratio, training FLOPs per image
-(3 x forward, forward = 2 x MACs) and the FLOP/s achieved; --json writes them to a file.
+(3 x forward, forward = 2 x MACs) and the FLOP/s achieved, for the first model under plain
+keys and for each further one under keys ending in _<model> (speedup_resnet18, ...); --json
+writes them to a file.
 """
 
 from __future__ import annotations
@@ -85,7 +90,9 @@ def reference_steps(model_name: str, size: int, batch: int, device: torch.device
 
 def ours_steps(model_name: str, size: int, batch: int, device: torch.device, root: str | None, precision: str):
     from resnet_cli import build_model
+    from resnet_cli.cuda_graphs import GraphedForward, decide
     from resnet_cli.data import load_data
+    from resnet_cli.data.prefetch import prefetched
     from resnet_cli.engine import StepContext, resolve_precision, train_one_epoch
 
     cfg = {"name": "fashion_mnist" if root else "synthetic", "root": root or "", "download": False,
@@ -95,8 +102,10 @@ def ours_steps(model_name: str, size: int, batch: int, device: torch.device, roo
     precision = resolve_precision(precision, device)
     model = build_model(model_name, in_channels=1, num_classes=10).to(device).to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    graphs, _ = decide("auto", device, distributed=False, compiled=False)
     ctx = StepContext(opt, None, nn.CrossEntropyLoss(label_smoothing=0.1), device, precision,
-                      report_every=1 if device.type == "cpu" else 25)
+                      report_every=1 if device.type == "cpu" else 25,
+                      forward=GraphedForward(model, batch) if graphs else None)
 
     def endless():
         epoch = 0
@@ -104,7 +113,7 @@ def ours_steps(model_name: str, size: int, batch: int, device: torch.device, roo
             yield from data.train.batches(epoch)
             epoch += 1
 
-    source = endless()
+    source = prefetched(endless(), device)
 
     def run(n: int) -> None:
         train_one_epoch(model, itertools.islice(source, n), ctx, epoch=1)
@@ -136,9 +145,17 @@ def cli_images_per_s(model_name: str, size: int, batch: int, steps: int, root: s
         return row["train_images_per_s"]
 
 
+def _cuda_settings(resnet_train: bool) -> None:
+    """PyTorch's defaults for the reference loop; what resnet-train sets for its own."""
+    torch.backends.cudnn.benchmark = resnet_train  # trainer.cudnn_benchmark=true
+    torch.backends.cuda.matmul.allow_tf32 = resnet_train
+    torch.backends.cudnn.allow_tf32 = True
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="d2l_resnet18", help="a preset for both loops (default: the reference's)")
+    p.add_argument("--model", default="d2l_resnet18,resnet18",
+                   help="presets, comma-separated; each runs in both loops (default: the reference's, then ours)")
     p.add_argument("--size", type=int, default=96)
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--steps", type=int, default=6, help="timed steps per loop")
@@ -156,20 +173,31 @@ def main() -> None:
 
     device = resolve_device(a.device)
     root = a.data_root if a.data_root and Path(a.data_root, "FashionMNIST").is_dir() else None
-    torch.manual_seed(0)
-    ref = _timed(reference_steps(a.model, a.size, a.batch, device, root, a.workers), a.warmup, a.steps, a.batch, device)
-    ours = _timed(ours_steps(a.model, a.size, a.batch, device, root, a.precision), a.warmup, a.steps, a.batch, device)
-    flops = train_flops_per_image(a.model, a.size)
+    models = [m for m in a.model.split(",") if m]
     out = {
         "device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
-        else f"CPU, {torch.get_num_threads()} threads", "model": a.model, "size": a.size, "batch": a.batch,
+        else f"CPU, {torch.get_num_threads()} threads", "model": models[0], "size": a.size, "batch": a.batch,
         "data": "fashion_mnist" if root else "synthetic", "precision": resolve_precision(a.precision, device),
-        "reference_images_per_s": ref, "resnet_cli_images_per_s": ours, "speedup": ours / ref,
-        "train_gflops_per_image": flops / 1e9, "reference_tflops": ref * flops / 1e12,
-        "resnet_cli_tflops": ours * flops / 1e12, "timed_steps": a.steps,
     }
+    for i, model in enumerate(models):
+        torch.manual_seed(0)
+        _cuda_settings(resnet_train=False)
+        ref = _timed(reference_steps(model, a.size, a.batch, device, root, a.workers), a.warmup, a.steps, a.batch,
+                     device)
+        _cuda_settings(resnet_train=True)
+        ours = _timed(ours_steps(model, a.size, a.batch, device, root, a.precision), a.warmup, a.steps, a.batch,
+                      device)
+        flops = train_flops_per_image(model, a.size)
+        suffix = f"_{model}" if i else ""
+        out.update({
+            f"reference_images_per_s{suffix}": ref, f"resnet_cli_images_per_s{suffix}": ours,
+            f"speedup{suffix}": ours / ref, f"train_gflops_per_image{suffix}": flops / 1e9,
+            f"reference_tflops{suffix}": ref * flops / 1e12, f"resnet_cli_tflops{suffix}": ours * flops / 1e12,
+        })
+    out["timed_steps"] = a.steps
     if a.cli:
-        out["resnet_train_logged_images_per_s"] = cli_images_per_s(a.model, a.size, a.batch, a.steps + a.warmup, root)
+        out["resnet_train_logged_images_per_s"] = cli_images_per_s(models[0], a.size, a.batch, a.steps + a.warmup,
+                                                                   root)
     width = max(len(k) for k in out)
     for k, v in out.items():
         print(f"{k:<{width}}  {v:,.3f}" if isinstance(v, float) else f"{k:<{width}}  {v}")

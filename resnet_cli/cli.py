@@ -143,9 +143,10 @@ def validate(config_name: str, overrides: list[str], multirun: bool) -> DictConf
             ModelSpec.from_mapping(OmegaConf.to_container(cfg.model, resolve=True)).validate()
         if config_name == "train":
             check_available(cfg.data.name, cfg.data.root, cfg.data.download)
+            from .cuda_graphs import decide
             from .engine import resolve_device
 
-            resolve_device(cfg.trainer.device)
+            decide(cfg.trainer.cuda_graphs, resolve_device(cfg.trainer.device), False, cfg.trainer.compile)
     return cfg
 
 

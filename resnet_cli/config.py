@@ -24,6 +24,7 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 AUGMENTS = ("none", "standard")
 PIPELINES = ("auto", "memory", "loader")
 PROGRESS = ("auto", "bar", "plain", "none")
+CUDA_GRAPHS = ("auto", "true", "false")
 DATASETS = ("fashion_mnist", "mnist", "cifar10", "cifar100", "imagefolder", "synthetic")
 
 
@@ -69,6 +70,9 @@ class TrainerConfig:
     checkpoint_every_steps: Optional[int] = None  # also save mid-epoch; None: each epoch end
     ema_decay: Optional[float] = None  # EMA of the weights, evaluated and saved beside them; None: off
     tta_hflip: bool = False  # evaluate on each image and its mirror image (averaged probabilities)
+    # auto: on for single-process CUDA runs without trainer.compile; a step that is not
+    # launch-bound (issue 12). A string: a command-line true/false arrives as "True"/"False".
+    cuda_graphs: str = "auto"  # auto | true | false
 
 
 @dataclass
@@ -122,6 +126,8 @@ def check_values(cfg: Mapping[str, Any]) -> None:
     _check(t["grad_clip"] is None or t["grad_clip"] > 0, "trainer.grad_clip", t["grad_clip"], "must be > 0 or null")
     _check(t["eval_batch_size"] >= 1, "trainer.eval_batch_size", t["eval_batch_size"], "must be >= 1")
     _check(t["progress"] in PROGRESS, "trainer.progress", t["progress"], f"choose from {', '.join(PROGRESS)}")
+    _check(str(t["cuda_graphs"]).lower() in CUDA_GRAPHS, "trainer.cuda_graphs", t["cuda_graphs"],
+           f"choose from {', '.join(CUDA_GRAPHS)}")
     _check(t["checkpoint_every_steps"] is None or t["checkpoint_every_steps"] >= 1,
            "trainer.checkpoint_every_steps", t["checkpoint_every_steps"], "must be >= 1 or null")
     _check(t["ema_decay"] is None or 0 < t["ema_decay"] < 1, "trainer.ema_decay", t["ema_decay"],

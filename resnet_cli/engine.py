@@ -98,6 +98,9 @@ class StepContext:
     # after every optimizer step from `ema_source` (the un-wrapped model).
     ema: nn.Module | None = None
     ema_source: nn.Module | None = None
+    # (ctx, model, x, y) -> (logits, loss); None runs eager_forward. On CUDA, train.py may set
+    # a cuda_graphs.GraphedForward, which replays a captured forward+backward (issue 12).
+    forward: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
 
 
 @dataclass
@@ -115,6 +118,13 @@ class Running:
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
+
+
+def eager_forward(ctx: StepContext, model: nn.Module, x: torch.Tensor, y: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    with autocast(ctx.device, ctx.precision):
+        logits = model(x)
+        return logits, ctx.loss_fn(logits, y)
 
 
 def _distributed() -> bool:
@@ -154,6 +164,7 @@ def train_one_epoch(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torc
     loss_sum = torch.zeros((), dtype=torch.float64, device=ctx.device)
     correct = torch.zeros((), dtype=torch.int64, device=ctx.device)
     pending = []  # CUDA: losses checked in groups, so the GPU is not stalled every step
+    forward = ctx.forward or eager_forward
     t0 = time.perf_counter()
     it: Iterator = iter(batches)
     while not should_stop():
@@ -166,9 +177,7 @@ def train_one_epoch(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torc
         # A skipped step must leave no trace, but its forward pass already updated the
         # BatchNorm running statistics: keep a copy to put back (buffers are small).
         saved = [b.detach().clone() for b in model.buffers()] if ctx.skip_nonfinite else None
-        with autocast(ctx.device, ctx.precision):
-            logits = model(x)
-            loss = ctx.loss_fn(logits, y)
+        logits, loss = forward(ctx, model, x, y)
         finite = True
         if sync_every_step:
             value = loss.item()

@@ -24,11 +24,12 @@ import torch
 from hydra.utils import instantiate
 from torch import nn
 
-from . import distributed
+from . import cuda_graphs, distributed
 from .checkpoint import (CheckpointWriter, atomic_write_json, load_checkpoint, remove_stale_temp_files,
                          resolve_resume)
 from .config import ConfigError, check_values
 from .data import Data, load_data
+from .data.prefetch import prefetched
 from .distributed import DistInfo
 from .engine import (NonFiniteLoss, Running, StepContext, evaluate, global_epoch_stats, resolve_device, resolve_precision,
                      train_one_epoch)
@@ -41,8 +42,8 @@ log = logging.getLogger("resnet_cli")
 # Keys that may differ between a checkpoint and the run that resumes it: they change how
 # (or how long) the run goes on, not what it computes up to the checkpoint.
 RESUMABLE = ("epochs", "resume", "trainer.device", "trainer.progress", "trainer.checkpoint_every_steps",
-             "trainer.eval_batch_size", "trainer.compile", "data.root", "data.cache_dir", "data.download",
-             "data.num_workers", "summary")
+             "trainer.eval_batch_size", "trainer.compile", "trainer.cuda_graphs", "data.root", "data.cache_dir",
+             "data.download", "data.num_workers", "summary")
 
 
 class StopSignals:
@@ -316,6 +317,7 @@ def _train(cfg: dict[str, Any], run_dir: Path, dinfo: DistInfo, stop: StopSignal
     device = resolve_device(cfg["trainer"]["device"], dinfo.local_rank if dinfo.enabled else None)
     precision = resolve_precision(cfg["trainer"]["precision"], device)
     tcfg = cfg["trainer"]
+    graphs, graphs_note = cuda_graphs.decide(tcfg["cuda_graphs"], device, dinfo.enabled, bool(tcfg["compile"]))
     resume_ckpt = None
     if cfg.get("resume"):
         _, ckpt_path = resolve_resume(cfg["resume"])
@@ -356,7 +358,8 @@ def _train(cfg: dict[str, Any], run_dir: Path, dinfo: DistInfo, stop: StopSignal
     ctx = StepContext(optimizer, scheduler, loss_fn, device, precision, scaler, tcfg["grad_clip"],
                       tcfg["skip_nonfinite"], tcfg["channels_last"],
                       report_every=1 if device.type == "cpu" or tcfg["checkpoint_every_steps"] else 25,
-                      ema=build_ema(core, tcfg["ema_decay"]), ema_source=core)
+                      ema=build_ema(core, tcfg["ema_decay"]), ema_source=core,
+                      forward=cuda_graphs.GraphedForward(core, cfg["batch_size"]) if graphs else None)
     tr = Trainer(model, core, ctx, data, cfg, run_dir, dinfo, clock=clock)
     metrics = MetricsFile(run_dir / "metrics.jsonl")
     if resume_ckpt is not None:
@@ -373,6 +376,8 @@ def _train(cfg: dict[str, Any], run_dir: Path, dinfo: DistInfo, stop: StopSignal
         log.info("data %s: %s train / %s test images, %s pipeline, batch %d%s, %d steps/epoch",
                  cfg["data"]["name"], f"{data.num_train:,}", f"{data.num_test:,}", data.pipeline,
                  cfg["batch_size"], per, steps_per_epoch)
+        if graphs_note:
+            log.info("cuda graphs %s", graphs_note)
         log.info("run dir %s", run_dir)
         if resume_ckpt is not None:
             log.info("resumed from epoch %d step %d", tr.epoch, tr.step)
@@ -441,8 +446,8 @@ def _loop(tr: Trainer, clock: Clock, stop: StopSignals, precision: str, steps_pe
             clock.training_starts()
             busy = tr.writer.busy_seconds
             t_train = time.perf_counter()
-            run = train_one_epoch(tr.model, tr.data.train.batches(epoch, tr.step), tr.ctx, epoch, tr.running,
-                                  on_step, should_stop)
+            run = train_one_epoch(tr.model, prefetched(tr.data.train.batches(epoch, tr.step), device), tr.ctx,
+                                  epoch, tr.running, on_step, should_stop)
             # mid-epoch checkpoints are counted as checkpoint time, not as training
             clock.add("train", time.perf_counter() - t_train - (tr.writer.busy_seconds - busy))
         tr.running, tr.step = run, run.steps

@@ -1,0 +1,263 @@
+"""The GPU checks of issue 12 in one process tree, with one JSON summary. Start it through
+benchmarks/gpu_check.sh, which first installs what the machine lacks.
+
+Parts, most important first, each with its own timeout inside an overall budget:
+  default_run    resnet-train model=resnet18 lr=0.05 epochs=10 on Fashion-MNIST: whole-process
+                 wall time, test accuracy, images/s per epoch, results.json's time_s breakdown
+  throughput     benchmarks/throughput.py: reference loop vs resnet-cli, d2l_resnet18 and resnet18
+  step_variants  benchmarks/step_variants.py --profile: why d2l_resnet18 is slower
+  pytest_gpu     pytest -m gpu (tests/test_gpu.py)
+
+--cpu-smoke runs every part with tiny settings on the CPU, to check this script anywhere.
+Exit code: 0 when every part passed, 1 when one failed or timed out, 2 for no CUDA device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+REPO = Path(__file__).resolve().parents[1]
+PY = sys.executable
+TAIL = 2000  # characters of a failed part's output kept in the summary
+# Issue 12's targets on an H100/H200.
+TARGETS = {"default_run_wall_s_max": 20.0, "default_run_test_acc_min": 0.935, "throughput_speedup_min": 3.0}
+
+
+@dataclass
+class Part:
+    name: str
+    timeout_s: float
+    command: Callable[[argparse.Namespace, Path], list[str]]
+    numbers: Callable[[argparse.Namespace, Path], dict[str, Any]]
+    needs_data: bool = False
+
+
+# ---------------------------------------------------------------- the parts' commands and numbers
+
+def _run_cmd(a: argparse.Namespace, work: Path) -> list[str]:
+    base = [PY, "-m", "resnet_cli.train", "trainer.progress=plain", f"hydra.run.dir={work / 'default-run'}"]
+    if a.cpu_smoke:
+        return base + ["model=resnet20", "epochs=1", "data=synthetic", "data.train_size=64", "data.test_size=32",
+                       "batch_size=32", "trainer.device=cpu", "trainer.precision=fp32"]
+    return base + ["model=resnet18", "lr=0.05", "epochs=10", f"data.root={a.data_root}"]
+
+
+def _run_numbers(a: argparse.Namespace, work: Path) -> dict[str, Any]:
+    run = work / "default-run"
+    results = json.loads((run / "results.json").read_text())
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    log = (run / "train.log").read_text() if (run / "train.log").exists() else ""
+    lines = [line.split("] ", 1)[-1] for line in log.splitlines()]
+    speeds = [r["train_images_per_s"] for r in rows]
+    return {
+        "best_test_acc": results.get("best_test_acc"), "final_test_acc": results.get("final", {}).get("test_acc"),
+        "epochs": results.get("epochs"), "results_wall_time_s": results.get("wall_time_s"),
+        "time_s": results.get("time_s"), "precision": results.get("precision"),
+        "device_name": results.get("device_name"), "train_images_per_s_by_epoch": speeds,
+        "median_train_images_per_s_from_epoch_2": sorted(speeds[1:])[len(speeds[1:]) // 2] if len(speeds) > 1 else None,
+        # whether graphs were used, and the run's closing lines (its time summary)
+        "log_lines": [x for x in lines if "cuda graphs" in x] + lines[-2:],
+    }
+
+
+def _throughput_cmd(a: argparse.Namespace, work: Path) -> list[str]:
+    cmd = [PY, str(REPO / "benchmarks" / "throughput.py"), "--json", str(work / "throughput.json")]
+    if a.cpu_smoke:
+        return cmd + ["--device", "cpu", "--precision", "fp32", "--size", "32", "--batch", "8", "--steps", "1",
+                      "--warmup", "0", "--workers", "0"]
+    return cmd + ["--steps", "60", "--warmup", "10"] + (["--data-root", str(a.data_root)] if a.data_root else [])
+
+
+def _json_numbers(name: str) -> Callable[[argparse.Namespace, Path], dict[str, Any]]:
+    return lambda a, work: json.loads((work / name).read_text())
+
+
+def _variants_cmd(a: argparse.Namespace, work: Path) -> list[str]:
+    cmd = [PY, str(REPO / "benchmarks" / "step_variants.py"), "--json", str(work / "step_variants.json")]
+    if a.cpu_smoke:
+        return cmd + ["--device", "cpu", "--precision", "fp32", "--size", "32", "--batch", "4", "--steps", "1",
+                      "--warmup", "0", "--variants", "resnet18,resnet18_graphed,d2l_resnet18,d2l_bias_as_add"]
+    return cmd + ["--profile"]
+
+
+def _pytest_cmd(a: argparse.Namespace, work: Path) -> list[str]:
+    return [PY, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", f"--junitxml={work / 'pytest.xml'}",
+            str(REPO / "tests")]
+
+
+def _pytest_numbers(a: argparse.Namespace, work: Path) -> dict[str, Any]:
+    root = ET.parse(work / "pytest.xml").getroot()
+    suite = root if root.tag == "testsuite" else root.find("testsuite")
+    cases = suite.findall("testcase")
+    failed = [f"{c.get('classname')}.{c.get('name')}" for c in cases
+              if c.find("failure") is not None or c.find("error") is not None]
+    return {"tests": int(suite.get("tests", 0)), "failures": int(suite.get("failures", 0)),
+            "errors": int(suite.get("errors", 0)), "skipped": int(suite.get("skipped", 0)), "failed": failed,
+            "modules": sorted({c.get("classname") for c in cases})}
+
+
+PARTS = [
+    Part("default_run", 150, _run_cmd, _run_numbers, needs_data=True),
+    Part("throughput", 100, _throughput_cmd, _json_numbers("throughput.json")),
+    Part("step_variants", 100, _variants_cmd, _json_numbers("step_variants.json")),
+    Part("pytest_gpu", 240, _pytest_cmd, _pytest_numbers),
+]
+
+
+# ---------------------------------------------------------------- running them
+
+def run_part(part: Part, a: argparse.Namespace, work: Path, timeout: float, log) -> dict[str, Any]:
+    cmd = part.command(a, work)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(":"),
+           "MPLBACKEND": "Agg", "PYTHONUNBUFFERED": "1"}
+    if a.data_root:
+        env["RESNET_CLI_TEST_DATA"] = str(a.data_root)
+    log.write(f"\n===== {part.name}: {' '.join(cmd)} (timeout {timeout:.0f} s)\n")
+    log.flush()
+    t0 = time.perf_counter()
+    # A session of its own: on timeout the whole tree goes (torchrun's workers, DataLoader's).
+    proc = subprocess.Popen(cmd, cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+        status = "ok" if proc.returncode == 0 else "failed"
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        status = "timeout"
+    seconds = time.perf_counter() - t0
+    log.write(output)
+    log.flush()
+    out: dict[str, Any] = {"status": status, "duration_s": round(seconds, 2), "returncode": proc.returncode,
+                           "command": " ".join(cmd)}
+    try:
+        out["numbers"] = part.numbers(a, work)
+    except (OSError, ValueError, KeyError, ET.ParseError) as e:
+        out["numbers"] = None
+        if status == "ok":
+            status = out["status"] = "failed"
+            out["error"] = f"no numbers: {type(e).__name__}: {e}"
+    if status != "ok":
+        out["output_tail"] = output[-TAIL:]
+    print(f"{part.name:<14} {status:<8} {seconds:7.1f} s", flush=True)
+    return out
+
+
+def environment() -> dict[str, Any]:
+    import torch
+
+    cuda = torch.cuda.is_available()
+    env: dict[str, Any] = {
+        "torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
+        "cudnn": torch.backends.cudnn.version() if cuda else None,
+        "device_name": torch.cuda.get_device_name(0) if cuda else None,
+        "host": platform.node(), "cpu_count": os.cpu_count(),
+    }
+    if shutil.which("nvidia-smi"):
+        q = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
+                           capture_output=True, text=True)
+        env["nvidia_smi"] = q.stdout.strip() or None
+    git = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    env["git_commit"] = git.stdout.strip() if git.returncode == 0 else None
+    return env
+
+
+def targets(parts: dict[str, Any]) -> dict[str, bool | None]:
+    run = (parts.get("default_run") or {}).get("numbers") or {}
+    tp = (parts.get("throughput") or {}).get("numbers") or {}
+    wall = (parts.get("default_run") or {}).get("duration_s") if run else None
+    acc = run.get("best_test_acc")
+    speedup = tp.get("speedup_resnet18", tp.get("speedup"))
+    return {
+        "default_run_wall_s<=20": None if wall is None else wall <= TARGETS["default_run_wall_s_max"],
+        "default_run_test_acc>=0.935": None if acc is None else acc >= TARGETS["default_run_test_acc_min"],
+        "throughput_speedup>=3": None if speedup is None else speedup >= TARGETS["throughput_speedup_min"],
+    }
+
+
+def find_data_root(given: str | None) -> Path | None:
+    for candidate in (given, os.environ.get("RESNET_CLI_DATA"), str(REPO / "data")):
+        if candidate and (Path(candidate) / "FashionMNIST" / "raw").is_dir():
+            return Path(candidate).resolve()
+    return None
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--cpu-smoke", action="store_true", help="every part with tiny settings on the CPU")
+    p.add_argument("--data-root", help="folder with FashionMNIST/raw (default: $RESNET_CLI_DATA, then ./data)")
+    p.add_argument("--budget", type=float, default=380, help="seconds for all parts together")
+    p.add_argument("--parts", default=",".join(x.name for x in PARTS), help="comma-separated subset, in this order")
+    p.add_argument("--summary", help="also write the summary here")
+    a = p.parse_args()
+
+    import torch
+
+    if not a.cpu_smoke and not torch.cuda.is_available():
+        print(f"error: no CUDA device visible to torch {torch.__version__}; run this on a GPU machine, "
+              "or pass --cpu-smoke", file=sys.stderr)
+        return 2
+    root = find_data_root(a.data_root)
+    if a.data_root and root is None:
+        print(f"error: --data-root {a.data_root}: no FashionMNIST/raw folder there", file=sys.stderr)
+        return 2
+    a.data_root = root
+    chosen = [x for x in a.parts.split(",") if x]
+    unknown = [x for x in chosen if x not in {part.name for part in PARTS}]
+    if unknown:
+        print(f"error: --parts {unknown[0]}: choose from {', '.join(x.name for x in PARTS)}", file=sys.stderr)
+        return 2
+
+    out_dir = Path(os.environ["OUT"]) if os.environ.get("OUT") else None
+    work = Path(tempfile.mkdtemp(prefix="gpu-check-"))
+    log_path = (out_dir or work) / "gpu-check.log"
+    started = time.perf_counter()
+    summary: dict[str, Any] = {"date": dt.datetime.now().isoformat(timespec="seconds"), "cpu_smoke": a.cpu_smoke,
+                               **environment(), "data_root": str(root) if root else None, "budget_s": a.budget,
+                               "parts": {}}
+    with open(log_path, "w") as log:
+        for part in PARTS:
+            if part.name not in chosen:
+                continue
+            if part.needs_data and root is None and not a.cpu_smoke:
+                summary["parts"][part.name] = {"status": "skipped", "reason": "no FashionMNIST/raw under --data-root, "
+                                               "$RESNET_CLI_DATA or ./data"}
+                continue
+            left = a.budget - (time.perf_counter() - started)
+            if left < 10:
+                summary["parts"][part.name] = {"status": "skipped", "reason": "the time budget was spent"}
+                continue
+            summary["parts"][part.name] = run_part(part, a, work, min(part.timeout_s, left), log)
+    summary["total_s"] = round(time.perf_counter() - started, 2)
+    summary["targets"] = targets(summary["parts"])
+    summary["log"] = str(log_path)
+    text = json.dumps(summary, indent=2) + "\n"
+    paths = [Path(a.summary)] if a.summary else []
+    if out_dir:
+        paths.append(out_dir / "gpu-check.json")
+    if not a.cpu_smoke:
+        paths.append(REPO / "benchmarks" / "results" / f"gpu-check-{dt.date.today().isoformat()}.json")
+    for path in paths:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    print(f"summary: {', '.join(map(str, paths)) or '(no file: pass --summary or set OUT)'}; log: {log_path}")
+    statuses = [x["status"] for x in summary["parts"].values()]
+    return 0 if statuses and all(s == "ok" for s in statuses) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,69 @@
+"""benchmarks/gpu_check.sh, the one command for a GPU machine, checked where there is none:
+it refuses clearly without CUDA, and its CPU smoke mode runs every part and writes the summary."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO
+
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU machine runs the real check")
+
+
+def gpu_check(*args: str, out: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHON": sys.executable}
+    env.pop("OUT", None)
+    if out is not None:
+        env["OUT"] = str(out)
+    return subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), *args], env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_without_cuda_it_fails_in_one_line(tmp_path):
+    proc = gpu_check(out=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: no CUDA device visible to torch") and proc.stderr.count("\n") == 1
+    assert "--cpu-smoke" in proc.stderr and not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--parts", "default_run,fast"], "--parts fast: choose from default_run, throughput, step_variants, pytest_gpu"),
+    (["--data-root", "/no/such/folder"], "--data-root /no/such/folder: no FashionMNIST/raw folder there"),
+])
+def test_bad_arguments_fail_in_one_line(args, needle):
+    proc = gpu_check("--cpu-smoke", *args)
+    assert proc.returncode == 2 and proc.stderr == f"error: {needle}\n"
+
+
+@pytest.mark.slow
+def test_cpu_smoke_runs_every_part_and_writes_one_summary(tmp_path):
+    results = REPO / "benchmarks" / "results"
+    before = sorted(results.iterdir())
+    proc = gpu_check("--cpu-smoke", out=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    summary = json.loads((tmp_path / "gpu-check.json").read_text())
+    parts = summary["parts"]
+    assert list(parts) == ["default_run", "throughput", "step_variants", "pytest_gpu"]
+    assert all(p["status"] == "ok" and p["duration_s"] > 0 for p in parts.values()), parts
+    assert summary["cpu_smoke"] and summary["torch"] == torch.__version__ and summary["total_s"] <= summary["budget_s"]
+    run = parts["default_run"]["numbers"]
+    assert 0 <= run["best_test_acc"] <= 1 and run["epochs"] == 1 and run["log_lines"]
+    tp = parts["throughput"]["numbers"]
+    assert tp["model"] == "d2l_resnet18" and tp["speedup"] > 0 and tp["speedup_resnet18"] > 0
+    variants = parts["step_variants"]["numbers"]["variants"]
+    assert variants["resnet18_graphed"]["skipped"] == "CUDA graphs need a CUDA device"
+    folded = variants["d2l_bias_as_add"]
+    assert folded["equivalent"] and folded["same_state_dict_keys"] and folded["max_abs_diff_fp32"] < 1e-4
+    assert variants["d2l_resnet18"]["vs_resnet18"] > 0
+    tests = parts["pytest_gpu"]["numbers"]
+    assert tests["modules"] == ["tests.test_gpu"] and tests["tests"] == tests["skipped"] > 0  # -m gpu: exactly these
+    assert set(summary["targets"]) == {"default_run_wall_s<=20", "default_run_test_acc>=0.935", "throughput_speedup>=3"}
+    assert "===== step_variants" in (tmp_path / "gpu-check.log").read_text()
+    assert sorted(results.iterdir()) == before  # a smoke run is no result

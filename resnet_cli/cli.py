@@ -180,6 +180,9 @@ def validate(config_name: str, overrides: list[str], multirun: bool) -> DictConf
             from .engine import resolve_device
 
             resolve_device(cfg.trainer.device)
+            from .finetune import check as check_finetune
+
+            check_finetune(cfg.model, cfg.scheduler, resuming=bool(cfg.resume))
     if config_name == "train":
         _check_output_folder(overrides, multirun)
     return cfg

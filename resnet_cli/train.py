@@ -20,7 +20,7 @@ import torch
 from hydra.utils import instantiate
 from torch import nn
 
-from . import distributed
+from . import distributed, finetune
 from .checkpoint import atomic_write_json, load_checkpoint, resolve_resume, save_checkpoint
 from .config import ConfigError, check_values
 from .data import Data, load_data
@@ -110,10 +110,13 @@ def param_groups(model: nn.Module, weight_decay: float, decay_norm_bias: bool) -
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_optimizer(model: nn.Module, opt_cfg: dict[str, Any]) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, opt_cfg: dict[str, Any], backbone_lr_scale: float | None = None
+                    ) -> torch.optim.Optimizer:
     opt_cfg = dict(opt_cfg)
     decay_norm_bias = bool(opt_cfg.pop("decay_norm_bias", False))
     groups = param_groups(model, float(opt_cfg.get("weight_decay", 0.0)), decay_norm_bias)
+    if backbone_lr_scale is not None:
+        groups = finetune.lr_groups(groups, model, float(opt_cfg["lr"]) * backbone_lr_scale)
     return instantiate(opt_cfg)(groups)
 
 
@@ -225,7 +228,9 @@ def _train(cfg: dict[str, Any], run_dir: Path, dinfo: DistInfo, stop: StopSignal
     spec = ModelSpec.from_mapping(cfg["model"])
     in_ch, ncls = spec.in_channels or data.prep.channels, spec.num_classes or data.num_classes
     stage_sizes(spec, in_ch, data.prep.size)  # fails early, naming the stage, if the input is too small
-    core = build_model(spec, in_channels=in_ch, num_classes=ncls).to(device)
+    core = build_model(spec, in_channels=in_ch, num_classes=ncls)
+    finetune.init_model(core, cfg["model"], resuming=resume_ckpt is not None)  # model.init_from, model.freeze
+    core = core.to(device)
     if tcfg["channels_last"]:
         core = core.to(memory_format=torch.channels_last)
     model: nn.Module = core
@@ -240,7 +245,7 @@ def _train(cfg: dict[str, Any], run_dir: Path, dinfo: DistInfo, stop: StopSignal
         model = torch.compile(model)
 
     steps_per_epoch = len(data.train)
-    optimizer = build_optimizer(core, cfg["optimizer"])
+    optimizer = build_optimizer(core, cfg["optimizer"], spec.backbone_lr_scale)
     scheduler = build_scheduler(optimizer, cfg["scheduler"], steps_per_epoch, cfg["epochs"])
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
     loss_fn = nn.CrossEntropyLoss(label_smoothing=float(tcfg["label_smoothing"]))

@@ -261,7 +261,8 @@ def show(result: Mapping[str, Any], stream=None) -> None:
 
 def run(argv: list[str]) -> dict[str, Any]:
     from .checkpoint import load_checkpoint
-    from .inference import as_device, as_precision, eval_preprocess, parse_args, require, resolve_checkpoint, run_dir_of
+    from .inference import (as_device, as_precision, check_output_folder, eval_preprocess, output_errors, parse_args,
+                            require, resolve_checkpoint, run_dir_of)
 
     args = parse_args("eval", EvalConfig, argv, PATH_KEYS, USAGE)
     cfg = args.cfg
@@ -274,12 +275,14 @@ def run(argv: list[str]) -> dict[str, Any]:
     if cfg["batch_size"] is not None and cfg["batch_size"] < 1:
         raise ConfigError(f"batch_size={cfg['batch_size']}: must be >= 1")
     precision = as_precision(cfg["precision"], ckpt["config"], device)
+    out_dir = Path(cfg["output_dir"]).expanduser() if cfg["output_dir"] else run_dir
+    check_output_folder("output_dir", cfg["output_dir"] or out_dir, out_dir)
     result = evaluate_checkpoint(ckpt, path, data_cfg, device, precision, cfg["batch_size"])
     for w in result["warnings"]:
         print(f"warning: {w}", file=sys.stderr)
     show(result)
-    out_dir = Path(cfg["output_dir"]).expanduser() if cfg["output_dir"] else run_dir
-    written = write_report(result, out_dir)
+    with output_errors(out_dir):
+        written = write_report(result, out_dir)
     print(f"wrote {', '.join(str(p) for p in written)}", file=sys.stderr)
     return result
 

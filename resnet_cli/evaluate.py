@@ -31,6 +31,7 @@ Evaluate a checkpoint on the test split of the dataset it was trained on.
   precision=null        null: the training run's policy; fp32 | bf16 | fp16
   batch_size=null       null: the training run's trainer.eval_batch_size
   output_dir=null       null: the checkpoint's run folder
+  trackers=true         also log to the training run's TensorBoard/MLflow run (logger=...), if it had any
 
 Writes eval.json and confusion.png; preprocessing always comes from the checkpoint.
 """
@@ -51,6 +52,7 @@ class EvalConfig:
     precision: Optional[str] = None
     batch_size: Optional[int] = None
     output_dir: Optional[str] = None
+    trackers: bool = True  # also log to the TensorBoard/MLflow run of the checkpoint's training run
 
 
 # ---------------------------------------------------------------- which data
@@ -284,6 +286,11 @@ def run(argv: list[str]) -> dict[str, Any]:
     with output_errors(out_dir):
         written = write_report(result, out_dir)
     print(f"wrote {', '.join(str(p) for p in written)}", file=sys.stderr)
+    if cfg["trackers"]:
+        from .trackers import log_evaluation
+
+        for where in log_evaluation(run_dir, result, written, int(ckpt["epoch"]), int(ckpt.get("step") or 0)):
+            print(f"logged to {where}" if not where.startswith("not ") else f"warning: {where}", file=sys.stderr)
     return result
 
 

@@ -30,6 +30,7 @@ from .engine import (NonFiniteLoss, Running, StepContext, evaluate, global_epoch
 from .models import build_model, stage_sizes
 from .models.resnet import ModelSpec
 from .reporting import MetricsFile, epoch_line, epoch_progress, plot_curves, progress_mode
+from .trackers import Trackers, with_run_names
 
 log = logging.getLogger("resnet_cli")
 
@@ -37,7 +38,7 @@ log = logging.getLogger("resnet_cli")
 # (or how long) the run goes on, not what it computes up to the checkpoint.
 RESUMABLE = ("epochs", "resume", "trainer.device", "trainer.progress", "trainer.checkpoint_every_steps",
              "trainer.eval_batch_size", "trainer.compile", "data.root", "data.cache_dir", "data.download",
-             "data.num_workers", "summary")
+             "data.num_workers", "summary", "logger")
 
 
 class StopSignals:
@@ -202,11 +203,12 @@ def train(cfg: dict[str, Any], run_dir: Path, dinfo: DistInfo = DistInfo()) -> d
     """Train as `cfg` says, writing into `run_dir`. Returns the results dict."""
     # Signals are caught from the start: one that arrives while data loads stops the run
     # at its first step boundary, like one during training.
-    with StopSignals() as stop:
-        return _train(cfg, run_dir, dinfo, stop)
+    with StopSignals() as stop, Trackers(cfg.get("logger"), run_dir, dinfo.is_main) as trackers:
+        return _train(cfg, run_dir, dinfo, stop, trackers)
 
 
-def _train(cfg: dict[str, Any], run_dir: Path, dinfo: DistInfo, stop: StopSignals) -> dict[str, Any]:
+def _train(cfg: dict[str, Any], run_dir: Path, dinfo: DistInfo, stop: StopSignals,
+           trackers: Trackers) -> dict[str, Any]:
     t_start = time.perf_counter()
     check_values(cfg)
     device = resolve_device(cfg["trainer"]["device"], dinfo.local_rank if dinfo.enabled else None)
@@ -272,6 +274,7 @@ def _train(cfg: dict[str, Any], run_dir: Path, dinfo: DistInfo, stop: StopSignal
         log.info("run dir %s", run_dir)
         if resume_ckpt is not None:
             log.info("resumed from epoch %d step %d", tr.epoch, tr.step)
+    trackers.start(cfg, steps_per_epoch, tr.epoch * steps_per_epoch + tr.step, tr.running, str(device))
 
     mode = progress_mode(tcfg["progress"]) if dinfo.is_main else "none"
     every = tcfg["checkpoint_every_steps"]
@@ -282,6 +285,7 @@ def _train(cfg: dict[str, Any], run_dir: Path, dinfo: DistInfo, stop: StopSignal
         with epoch_progress(mode, epoch, cfg["epochs"], steps_per_epoch, tr.step) as update:
             def on_step(run: Running) -> None:
                 tr.step = run.steps
+                trackers.log_step(epoch, run, ctx.optimizer.param_groups[0]["lr"])
                 if run.steps and run.train_seconds:
                     update(run.steps, run.loss_sum / max(run.counted, 1), run.correct / max(run.counted, 1),
                            run.seen / run.train_seconds)
@@ -307,6 +311,7 @@ def _train(cfg: dict[str, Any], run_dir: Path, dinfo: DistInfo, stop: StopSignal
             metrics.append(row)
             log.info(epoch_line(row, cfg["epochs"]))
             plot_curves(rows, run_dir / "curves.png", f"{spec.name} on {cfg['data']['name']}")
+            trackers.log_epoch(row)
         if stop.signum is not None and tr.epoch < cfg["epochs"]:  # last.pt of this epoch is saved
             _exit_resumable(run_dir, dinfo, stop.exit_code)
 
@@ -318,6 +323,7 @@ def _train(cfg: dict[str, Any], run_dir: Path, dinfo: DistInfo, stop: StopSignal
     results = _results(rows, tr, n_params, device, precision, time.perf_counter() - t_start)
     if dinfo.is_main:
         atomic_write_json(run_dir / "results.json", results)
+        trackers.log_results(cfg, results)
         log.info("best test_acc %.4f at epoch %d; final %.4f; wrote %s", tr.best_acc, tr.best_epoch,
                  rows[-1]["test_acc"] if rows else float("nan"), run_dir)
     return results
@@ -418,7 +424,7 @@ def _task(cfg, dinfo: DistInfo) -> dict[str, Any]:
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
-        return train(to_container(cfg), run_dir, dinfo)
+        return train(with_run_names(to_container(cfg), HydraConfig.get()), run_dir, dinfo)
     except OSError as e:
         if e.filename is None or not str(e.filename).startswith(str(run_dir)):
             raise

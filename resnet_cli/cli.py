@@ -147,6 +147,12 @@ def validate(config_name: str, overrides: list[str], multirun: bool) -> DictConf
             from .engine import resolve_device
 
             decide(cfg.trainer.cuda_graphs, resolve_device(cfg.trainer.device), False, cfg.trainer.compile)
+            from .trackers import check as check_trackers
+
+            check_trackers(cfg.logger)
+            from .finetune import check as check_finetune
+
+            check_finetune(cfg.model, cfg.scheduler, resuming=bool(cfg.resume))
     return cfg
 
 

@@ -83,6 +83,28 @@ class SummaryConfig:
 
 
 @dataclass
+class TensorBoardConfig:
+    log_every_n_steps: int = 50  # train loss/acc/lr of the last N steps (rank 0's batches)
+    flush_secs: int = 30
+
+
+@dataclass
+class MlflowConfig:
+    tracking_uri: str = "outputs/mlruns"  # a folder (file store), sqlite:///FILE or http(s)://SERVER
+    experiment_name: Optional[str] = None  # None: the sweep folder for a multirun, else "resnet-cli"
+    run_name: Optional[str] = None  # None: the job's overrides (multirun) or the run folder's name
+    log_checkpoint: bool = False  # also upload checkpoints/best.pt as an artifact
+
+
+@dataclass
+class LoggerConfig:
+    """Experiment trackers (configs/logger/): each is on when its section is set."""
+
+    tensorboard: Optional[TensorBoardConfig] = None
+    mlflow: Optional[MlflowConfig] = None
+
+
+@dataclass
 class TrainConfig:
     lr: float = 0.05
     epochs: int = 10
@@ -95,6 +117,7 @@ class TrainConfig:
     scheduler: dict[str, Any] = field(default_factory=dict)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     summary: SummaryConfig = field(default_factory=SummaryConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
 
 
 def register_schemas() -> None:
@@ -235,5 +258,5 @@ def to_container(cfg: DictConfig) -> dict[str, Any]:
     return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)  # type: ignore[return-value]
 
 
-__all__ = ["ConfigError", "DataConfig", "MISSING", "SummaryConfig", "TrainConfig", "TrainerConfig",
+__all__ = ["ConfigError", "DataConfig", "LoggerConfig", "MISSING", "MlflowConfig", "TensorBoardConfig", "SummaryConfig", "TrainConfig", "TrainerConfig",
            "check_values", "register_schemas", "to_container"]

@@ -31,6 +31,7 @@ Evaluate a checkpoint on the test split of the dataset it was trained on.
   precision=null        null: the training run's policy; fp32 | bf16 | fp16
   batch_size=null       null: the training run's trainer.eval_batch_size
   output_dir=null       null: the checkpoint's run folder
+  trackers=true         also log to the training run's TensorBoard/MLflow run (logger=...), if it had any
 
 Writes eval.json and confusion.png; preprocessing always comes from the checkpoint.
 """
@@ -51,6 +52,7 @@ class EvalConfig:
     precision: Optional[str] = None
     batch_size: Optional[int] = None
     output_dir: Optional[str] = None
+    trackers: bool = True  # also log to the TensorBoard/MLflow run of the checkpoint's training run
 
 
 # ---------------------------------------------------------------- which data
@@ -261,7 +263,8 @@ def show(result: Mapping[str, Any], stream=None) -> None:
 
 def run(argv: list[str]) -> dict[str, Any]:
     from .checkpoint import load_checkpoint
-    from .inference import as_device, as_precision, eval_preprocess, parse_args, require, resolve_checkpoint, run_dir_of
+    from .inference import (as_device, as_precision, check_output_folder, eval_preprocess, output_errors, parse_args,
+                            require, resolve_checkpoint, run_dir_of)
 
     args = parse_args("eval", EvalConfig, argv, PATH_KEYS, USAGE)
     cfg = args.cfg
@@ -274,13 +277,20 @@ def run(argv: list[str]) -> dict[str, Any]:
     if cfg["batch_size"] is not None and cfg["batch_size"] < 1:
         raise ConfigError(f"batch_size={cfg['batch_size']}: must be >= 1")
     precision = as_precision(cfg["precision"], ckpt["config"], device)
+    out_dir = Path(cfg["output_dir"]).expanduser() if cfg["output_dir"] else run_dir
+    check_output_folder("output_dir", cfg["output_dir"] or out_dir, out_dir)
     result = evaluate_checkpoint(ckpt, path, data_cfg, device, precision, cfg["batch_size"])
     for w in result["warnings"]:
         print(f"warning: {w}", file=sys.stderr)
     show(result)
-    out_dir = Path(cfg["output_dir"]).expanduser() if cfg["output_dir"] else run_dir
-    written = write_report(result, out_dir)
+    with output_errors(out_dir):
+        written = write_report(result, out_dir)
     print(f"wrote {', '.join(str(p) for p in written)}", file=sys.stderr)
+    if cfg["trackers"]:
+        from .trackers import log_evaluation
+
+        for where in log_evaluation(run_dir, result, written, int(ckpt["epoch"]), int(ckpt.get("step") or 0)):
+            print(f"logged to {where}" if not where.startswith("not ") else f"warning: {where}", file=sys.stderr)
     return result
 
 

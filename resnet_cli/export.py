@@ -1,4 +1,5 @@
-"""`resnet-export`: a checkpoint's model as a standalone file (TorchScript or ONNX).
+"""`resnet-export`: a checkpoint's model as a standalone file (TorchScript, ONNX, or a
+`torch.export` program).
 
 The file holds the eval-mode network in fp32, on CPU, with a dynamic batch dimension:
 input float32 N x C x H x W, already preprocessed; output the logits. What preprocessing
@@ -23,24 +24,27 @@ from .config import ConfigError
 from .data.transforms import Preprocess
 
 USAGE = """
-usage: resnet-export checkpoint=PATH [format=torchscript|onnx] [output=FILE]
+usage: resnet-export checkpoint=PATH [format=torchscript|onnx|export] [output=FILE]
 
 Write the checkpoint's model as a standalone file, and FILE.json with its preprocessing.
 
   checkpoint=PATH       a .pt file, or a run folder (uses its checkpoints/best.pt)
   format=torchscript    torchscript (torch.jit.load) | onnx (needs: pip install 'resnet-cli[onnx]')
+                        | export (a torch.export program, .pt2: torch.export.load)
   output=null           the file to write (a folder: a default name in it);
-                        null: RUN/export/<checkpoint name>.torchscript.pt or .onnx
+                        null: RUN/export/<checkpoint name>.torchscript.pt, .onnx or .pt2
   verify=true           compare the exported file's outputs with the checkpoint's model
 
 The model takes float32 N x C x H x W input, preprocessed as FILE.json says, and returns logits.
 """
 
 PATH_KEYS = ("checkpoint", "output")
-SUFFIXES = {"torchscript": ".torchscript.pt", "onnx": ".onnx"}
+SUFFIXES = {"torchscript": ".torchscript.pt", "onnx": ".onnx", "export": ".pt2"}
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
+LOAD = {"torchscript": "torch.jit.load(FILE)", "export": "torch.export.load(FILE).module()",
+        "onnx": "onnxruntime.InferenceSession(FILE)"}
 # Exported and eager fp32 models run the same arithmetic; ONNX Runtime may fuse and reorder.
-TOLERANCE = {"torchscript": (1e-5, 1e-6), "onnx": (1e-4, 1e-5)}  # (rtol, atol)
+TOLERANCE = {"torchscript": (1e-5, 1e-6), "export": (1e-5, 1e-6), "onnx": (1e-4, 1e-5)}  # (rtol, atol)
 
 
 @dataclass
@@ -65,6 +69,12 @@ def check_format(fmt: str) -> None:
                               "pip install 'resnet-cli[onnx]'")
 
 
+def batch_dim() -> dict:
+    from torch.export import Dim
+
+    return {"x": {0: Dim("batch", min=1)}}
+
+
 def example_input(prep: Preprocess, batch: int = 2, seed: int = 0) -> torch.Tensor:
     # Batch 2, not 1: tracers may specialize a dimension that is 1 (or 0) to a constant.
     g = torch.Generator().manual_seed(seed)
@@ -85,12 +95,14 @@ def export_bytes(model: nn.Module, prep: Preprocess, fmt: str) -> bytes:
             buf = io.BytesIO()
             torch.jit.save(traced, buf)
         return buf.getvalue()
-    from torch.export import Dim
-
+    if fmt == "export":
+        buf = io.BytesIO()
+        torch.export.save(torch.export.export(model, (x,), dynamic_shapes=batch_dim()), buf)
+        return buf.getvalue()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=FutureWarning)
         program = torch.onnx.export(model, (x,), dynamo=True, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                                    dynamic_shapes={"x": {0: Dim("batch", min=1)}}, verbose=False)
+                                    dynamic_shapes=batch_dim(), verbose=False)
     return program.model_proto.SerializeToString()
 
 
@@ -102,6 +114,10 @@ def run_exported(data: bytes, fmt: str, x: torch.Tensor) -> torch.Tensor | None:
             module = torch.jit.load(io.BytesIO(data), map_location="cpu")
         with torch.inference_mode():
             return module(x)
+    if fmt == "export":
+        program = torch.export.load(io.BytesIO(data))
+        with torch.inference_mode():
+            return program.module()(x)
     if find_spec("onnxruntime") is None:
         return None
     import onnxruntime as ort
@@ -118,11 +134,17 @@ def verify_export(model: nn.Module, data: bytes, fmt: str, prep: Preprocess) -> 
         return None
     with torch.inference_mode():
         want = model(x)
+    if not torch.isfinite(want).all():
+        raise ExportMismatch("the checkpoint's model gives non-finite outputs (NaN or inf) on a random batch, "
+                             "so nothing can be verified; are its weights damaged?")
+    if got.shape != want.shape:
+        raise ExportMismatch(f"the exported {fmt} model's outputs have shape {tuple(got.shape)}, "
+                             f"the checkpoint's model's {tuple(want.shape)}")
     rtol, atol = TOLERANCE[fmt]
     diff = float((got - want).abs().max())
-    if got.shape != want.shape or not torch.allclose(got, want, rtol=rtol, atol=atol):
+    if not torch.allclose(got, want, rtol=rtol, atol=atol):
         raise ExportMismatch(f"the exported {fmt} model's outputs differ from the checkpoint's model "
-                             f"(max |diff| {diff:.3g}, shapes {tuple(got.shape)} vs {tuple(want.shape)})")
+                             f"(max |diff| {diff:.3g})")
     return diff
 
 
@@ -130,7 +152,7 @@ def export_metadata(prep: Preprocess, fmt: str, output: Path, model_name: str, c
                     checkpoint: Path, epoch: int) -> dict[str, Any]:
     """OUTPUT.json: everything a consumer needs to feed the model and read its answer."""
     return {
-        "format": fmt, "file": output.name, "model": model_name,
+        "format": fmt, "file": output.name, "load": LOAD[fmt].replace("FILE", repr(output.name)), "model": model_name,
         "source_checkpoint": str(checkpoint.resolve()), "epoch": epoch,
         "input_name": INPUT_NAME if fmt == "onnx" else None, "output_name": OUTPUT_NAME if fmt == "onnx" else None,
         "input_shape": ["N", prep.channels, prep.size, prep.size], "input_dtype": "float32",
@@ -178,23 +200,27 @@ def output_path(output: str | None, ckpt_path: Path, fmt: str) -> Path:
         p = p / default_name
     if p.exists() and p.resolve() == ckpt_path.resolve():
         raise ConfigError(f"output={output}: that is the checkpoint itself; choose another file")
+    if p.exists() and not p.is_file():  # a device such as /dev/null would be replaced, not written to
+        raise ConfigError(f"output={output}: exists and is not a regular file; choose a file name")
     return p
 
 
 # ---------------------------------------------------------------- the command
 
 def run(argv: list[str]) -> Path:
-    from .inference import open_checkpoint, parse_args, require, resolve_checkpoint
+    from .inference import check_output_folder, open_checkpoint, output_errors, parse_args, require, resolve_checkpoint
 
     cfg = parse_args("export", ExportConfig, argv, PATH_KEYS, USAGE).cfg
     check_format(cfg["format"])
     path = resolve_checkpoint(require(cfg, "checkpoint", "checkpoint=outputs/DATE/TIME/checkpoints/best.pt"))
     output = output_path(cfg["output"], path, cfg["format"])
+    check_output_folder("output", cfg["output"] or output, output.parent)
     loaded = open_checkpoint(path, "cpu")
     meta = export_metadata(loaded.prep, cfg["format"], output, loaded.model_name, loaded.class_names, path,
                            loaded.epoch)
     try:
-        diff = export_model(loaded.model, loaded.prep, cfg["format"], output, meta, bool(cfg["verify"]))
+        with output_errors(output):
+            diff = export_model(loaded.model, loaded.prep, cfg["format"], output, meta, bool(cfg["verify"]))
     except ExportMismatch as e:
         print(f"error: {e}; nothing written", file=sys.stderr)
         sys.exit(1)

@@ -11,9 +11,10 @@ from __future__ import annotations
 import difflib
 import os
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass, fields, is_dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -239,6 +240,29 @@ def open_checkpoint(target: str | os.PathLike, device: torch.device | str = "cpu
 
 # ---------------------------------------------------------------- output
 
+def check_output_folder(key: str, value: Any, folder: Path) -> None:
+    """Refuse an output folder that cannot be written before any work is done."""
+    from .checkpoint import writable_folder_error
+
+    why = writable_folder_error(folder)
+    if why:
+        raise ConfigError(f"{key}={value}: cannot write there ({why}); choose a writable folder")
+
+
+@contextmanager
+def output_errors(where: Path) -> Iterator[None]:
+    """A failed write (disk full, folder gone) -> OutputError: one line, exit code 1. Files
+    are written atomically, so the one that failed is as it was (issue 11, item 8)."""
+    from .checkpoint import OutputError
+
+    try:
+        yield
+    except OSError as e:
+        raise OutputError(f"cannot write {e.filename or where}: {e.strerror or e}; "
+                          "files written before are intact") from None
+
+
+
 def console(stream=None):
     """A rich console: styled on a terminal; when piped, plain and never wrapped."""
     from rich.console import Console
@@ -259,5 +283,5 @@ def table(stream, title: str | None = None, **kwargs):
     return Table(title=None, box=None, show_edge=False, pad_edge=False, **kwargs)
 
 
-__all__ = ["Args", "Loaded", "as_device", "as_precision", "compose", "console", "eval_preprocess", "load_model",
-           "open_checkpoint", "parse_args", "require", "resolve_checkpoint", "run_dir_of", "table"]
+__all__ = ["Args", "Loaded", "as_device", "as_precision", "check_output_folder", "compose", "console", "eval_preprocess", "load_model",
+           "open_checkpoint", "output_errors", "parse_args", "require", "resolve_checkpoint", "run_dir_of", "table"]

@@ -44,7 +44,8 @@ def step(optimizer: Optimizer, *, total_steps: int, steps_per_epoch: int, milest
 
 def onecycle(optimizer: Optimizer, *, total_steps: int, steps_per_epoch: int, pct_start: float = 0.25,
              div_factor: float = 25.0, final_div_factor: float = 1e4) -> LRScheduler:
-    """Smith's one-cycle policy; its own warm-up phase is pct_start of the run."""
-    base = optimizer.param_groups[0]["lr"]
-    return OneCycleLR(optimizer, max_lr=base, total_steps=total_steps, pct_start=pct_start,
+    """Smith's one-cycle policy; its own warm-up phase is pct_start of the run. Each param
+    group peaks at its own lr (a fine-tuned backbone's is lower: model.backbone_lr_scale)."""
+    peaks = [g["lr"] for g in optimizer.param_groups]
+    return OneCycleLR(optimizer, max_lr=peaks, total_steps=total_steps, pct_start=pct_start,
                       div_factor=div_factor, final_div_factor=final_div_factor)

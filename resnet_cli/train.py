@@ -24,7 +24,7 @@ import torch
 from hydra.utils import instantiate
 from torch import nn
 
-from . import cuda_graphs, distributed
+from . import cuda_graphs, distributed, finetune
 from .checkpoint import (CheckpointWriter, atomic_write_json, load_checkpoint, remove_stale_temp_files,
                          resolve_resume)
 from .config import ConfigError, check_values
@@ -36,6 +36,7 @@ from .engine import (NonFiniteLoss, Running, StepContext, evaluate, global_epoch
 from .models import build_model, stage_sizes
 from .models.resnet import ModelSpec
 from .reporting import MetricsFile, epoch_line, epoch_progress, plot_curves, progress_mode
+from .trackers import Trackers, with_run_names
 
 log = logging.getLogger("resnet_cli")
 
@@ -43,7 +44,7 @@ log = logging.getLogger("resnet_cli")
 # (or how long) the run goes on, not what it computes up to the checkpoint.
 RESUMABLE = ("epochs", "resume", "trainer.device", "trainer.progress", "trainer.checkpoint_every_steps",
              "trainer.eval_batch_size", "trainer.compile", "trainer.cuda_graphs", "data.root", "data.cache_dir",
-             "data.download", "data.num_workers", "summary")
+             "data.download", "data.num_workers", "summary", "logger")
 
 
 class StopSignals:
@@ -116,10 +117,13 @@ def param_groups(model: nn.Module, weight_decay: float, decay_norm_bias: bool) -
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_optimizer(model: nn.Module, opt_cfg: dict[str, Any]) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, opt_cfg: dict[str, Any], backbone_lr_scale: float | None = None
+                    ) -> torch.optim.Optimizer:
     opt_cfg = dict(opt_cfg)
     decay_norm_bias = bool(opt_cfg.pop("decay_norm_bias", False))
     groups = param_groups(model, float(opt_cfg.get("weight_decay", 0.0)), decay_norm_bias)
+    if backbone_lr_scale is not None:
+        groups = finetune.lr_groups(groups, model, float(opt_cfg["lr"]) * backbone_lr_scale)
     return instantiate(opt_cfg)(groups)
 
 
@@ -306,11 +310,12 @@ def train(cfg: dict[str, Any], run_dir: Path, dinfo: DistInfo = DistInfo()) -> d
     """Train as `cfg` says, writing into `run_dir`. Returns the results dict."""
     # Signals are caught from the start: one that arrives while data loads stops the run
     # at its first step boundary, like one during training.
-    with StopSignals() as stop:
-        return _train(cfg, run_dir, dinfo, stop)
+    with StopSignals() as stop, Trackers(cfg.get("logger"), run_dir, dinfo.is_main) as trackers:
+        return _train(cfg, run_dir, dinfo, stop, trackers)
 
 
-def _train(cfg: dict[str, Any], run_dir: Path, dinfo: DistInfo, stop: StopSignals) -> dict[str, Any]:
+def _train(cfg: dict[str, Any], run_dir: Path, dinfo: DistInfo, stop: StopSignals,
+           trackers: Trackers) -> dict[str, Any]:
     clock = Clock()
     t_start = time.perf_counter()
     check_values(cfg)
@@ -335,7 +340,9 @@ def _train(cfg: dict[str, Any], run_dir: Path, dinfo: DistInfo, stop: StopSignal
     spec = ModelSpec.from_mapping(cfg["model"])
     in_ch, ncls = spec.in_channels or data.prep.channels, spec.num_classes or data.num_classes
     stage_sizes(spec, in_ch, data.prep.size)  # fails early, naming the stage, if the input is too small
-    core = build_model(spec, in_channels=in_ch, num_classes=ncls).to(device)
+    core = build_model(spec, in_channels=in_ch, num_classes=ncls)
+    finetune.init_model(core, cfg["model"], resuming=resume_ckpt is not None)  # model.init_from, model.freeze
+    core = core.to(device)
     if tcfg["channels_last"]:
         core = core.to(memory_format=torch.channels_last)
     model: nn.Module = core
@@ -350,7 +357,7 @@ def _train(cfg: dict[str, Any], run_dir: Path, dinfo: DistInfo, stop: StopSignal
         model = torch.compile(model)
 
     steps_per_epoch = len(data.train)
-    optimizer = build_optimizer(core, cfg["optimizer"])
+    optimizer = build_optimizer(core, cfg["optimizer"], spec.backbone_lr_scale)
     base_lrs = [g["lr"] for g in optimizer.param_groups]
     scheduler = build_scheduler(optimizer, cfg["scheduler"], steps_per_epoch, cfg["epochs"])
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
@@ -381,9 +388,10 @@ def _train(cfg: dict[str, Any], run_dir: Path, dinfo: DistInfo, stop: StopSignal
         log.info("run dir %s", run_dir)
         if resume_ckpt is not None:
             log.info("resumed from epoch %d step %d", tr.epoch, tr.step)
+    trackers.start(cfg, steps_per_epoch, tr.epoch * steps_per_epoch + tr.step, tr.running, str(device))
 
     try:
-        _loop(tr, clock, stop, precision, steps_per_epoch, metrics, spec.name)
+        _loop(tr, clock, stop, precision, steps_per_epoch, metrics, spec.name, trackers)
     finally:
         # Whatever ends the loop, the checkpoint being written is finished first: a clean exit
         # never leaves a temp file, and a write error is not lost.
@@ -407,6 +415,7 @@ def _train(cfg: dict[str, Any], run_dir: Path, dinfo: DistInfo, stop: StopSignal
     results["time_s"] = clock.breakdown()
     if dinfo.is_main:
         atomic_write_json(run_dir / "results.json", results)
+        trackers.log_results(cfg, results)
         nan = float("nan")
         if results["selection"] == "val_acc":
             log.info("best val_acc %.4f at epoch %d (test_acc %.4f); final test_acc %.4f; wrote %s",
@@ -420,7 +429,7 @@ def _train(cfg: dict[str, Any], run_dir: Path, dinfo: DistInfo, stop: StopSignal
 
 
 def _loop(tr: Trainer, clock: Clock, stop: StopSignals, precision: str, steps_per_epoch: int,
-          metrics: MetricsFile, model_name: str) -> None:
+          metrics: MetricsFile, model_name: str, trackers: Trackers) -> None:
     cfg, tcfg, dinfo, device = tr.cfg, tr.cfg["trainer"], tr.dist, tr.ctx.device
     mode = progress_mode(tcfg["progress"]) if dinfo.is_main else "none"
     every = tcfg["checkpoint_every_steps"]
@@ -431,6 +440,7 @@ def _loop(tr: Trainer, clock: Clock, stop: StopSignals, precision: str, steps_pe
         with epoch_progress(mode, epoch, cfg["epochs"], steps_per_epoch, tr.step) as update:
             def on_step(run: Running) -> None:
                 tr.step = run.steps
+                trackers.log_step(epoch, run, tr.ctx.optimizer.param_groups[0]["lr"])
                 if run.steps and run.train_seconds:
                     update(run.steps, run.loss_sum / max(run.counted, 1), run.correct / max(run.counted, 1),
                            run.seen / run.train_seconds)
@@ -460,6 +470,7 @@ def _loop(tr: Trainer, clock: Clock, stop: StopSignals, precision: str, steps_pe
         row = _finish_epoch(tr, clock, epoch, t_epoch, precision, metrics)
         if dinfo.is_main:
             log.info(epoch_line(row, cfg["epochs"]))
+            trackers.log_epoch(row)
         if stop.signum is not None and tr.epoch < cfg["epochs"]:  # last.pt of this epoch is saved
             _exit_resumable(tr, clock, model_name, stop.exit_code)
 
@@ -645,7 +656,7 @@ def _task(cfg, dinfo: DistInfo) -> dict[str, Any]:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     single = HydraConfig.get().mode == RunMode.RUN
     try:
-        return train(to_container(cfg), run_dir, dinfo)
+        return train(with_run_names(to_container(cfg), HydraConfig.get()), run_dir, dinfo)
     except OSError as e:
         if e.filename is None or not str(e.filename).startswith(str(run_dir)):
             _drop_if_empty_run(run_dir, single and dinfo.is_main and not cfg.get("resume"))

@@ -179,3 +179,27 @@ def test_help_lists_the_keys(module, monkeypatch, capsys):
     main = importlib.import_module(f"resnet_cli.{module}").main
     code, out, err = call_main(main, f"resnet-{module}", ["--help"], monkeypatch, capsys)
     assert code == 0 and out.startswith("usage: resnet-") and "checkpoint=PATH" in out and err == ""
+
+
+def test_an_unwritable_output_dir_is_refused_before_evaluating(run_dir, tmp_path, monkeypatch, capsys):
+    from resnet_cli.evaluate import main
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    code, out, err = call_main(main, "resnet-eval", [f"checkpoint={run_dir}", f"output_dir={blocker / 'sub'}"],
+                               monkeypatch, capsys)
+    assert_one_error_line(code, err, f"output_dir={blocker / 'sub'}", f"{blocker} is not a folder")
+    assert out == ""  # refused before the evaluation ran
+
+
+def test_a_full_disk_while_writing_the_report_is_one_line(run_dir, tmp_path):
+    import subprocess
+
+    from conftest import command
+    from test_export import assert_failed_in_one_line, limited_file_size
+
+    (tmp_path / "eval.json").write_text("{}")
+    proc = subprocess.run([command("resnet-eval"), f"checkpoint={run_dir}", f"output_dir={tmp_path}"],
+                          capture_output=True, text=True, timeout=300, preexec_fn=limited_file_size(1000))
+    assert_failed_in_one_line(proc.returncode, proc.stderr, "cannot write", "File too large")
+    assert (tmp_path / "eval.json").read_text() == "{}"  # atomic: the old file is intact

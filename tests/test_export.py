@@ -34,14 +34,20 @@ def check_sidecar(meta: dict, fmt: str, output: Path, run_dir: Path) -> None:
     assert meta["class_names"] == [f"class_{i}" for i in range(10)] and meta["num_classes"] == 10
 
 
-def test_torchscript_equals_eager(run_dir, loaded, tmp_path):
-    output = tmp_path / "model.pt"
-    proc = run_cli("resnet-export", f"checkpoint={run_dir / 'checkpoints' / 'best.pt'}", "format=torchscript",
+def export_with_the_command(run_dir: Path, fmt: str, output: Path) -> dict:
+    """`resnet-export` as a user runs it; returns the sidecar, checked."""
+    proc = run_cli("resnet-export", f"checkpoint={run_dir / 'checkpoints' / 'best.pt'}", f"format={fmt}",
                    f"output={output}", timeout=300)
     assert proc.returncode == 0, proc.stderr
-    assert "verified" in proc.stdout
-    meta = json.loads((tmp_path / "model.pt.json").read_text())
-    check_sidecar(meta, "torchscript", output, run_dir)
+    assert f"wrote {output}" in proc.stdout and "verified: max |exported - checkpoint model|" in proc.stdout
+    meta = json.loads(output.with_name(output.name + ".json").read_text())
+    check_sidecar(meta, fmt, output, run_dir)
+    return meta
+
+
+def test_torchscript_equals_eager(run_dir, loaded, tmp_path):
+    output = tmp_path / "model.pt"
+    meta = export_with_the_command(run_dir, "torchscript", output)
     assert meta["mean"] == list(loaded.prep.mean) and meta["std"] == list(loaded.prep.std)
 
     with warnings.catch_warnings():
@@ -105,3 +111,103 @@ def test_bad_input_in_process(case, run_dir, tmp_path, monkeypatch, capsys):
     code, out, err = call_main(main, "resnet-export", argv, monkeypatch, capsys)
     assert_one_error_line(code, err, *needles)
     assert out == ""
+
+
+def test_torch_export_program_equals_eager(run_dir, loaded, tmp_path):
+    output = tmp_path / "model.pt2"
+    meta = export_with_the_command(run_dir, "export", output)
+    assert meta["load"] == "torch.export.load('model.pt2').module()"
+
+    program = torch.export.load(str(output))
+    for n in (1, 5):  # the batch dimension is dynamic, a batch of one included
+        x = torch.randn(n, 1, 28, 28, generator=torch.Generator().manual_seed(n))
+        with torch.inference_mode():
+            assert torch.allclose(program.module()(x), loaded.model(x), rtol=1e-5, atol=1e-6)
+
+
+def test_onnx_through_the_command(run_dir, loaded, tmp_path):
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxscript")
+    ort = pytest.importorskip("onnxruntime")
+    meta = export_with_the_command(run_dir, "onnx", tmp_path / "model.onnx")
+    assert (meta["input_name"], meta["output_name"]) == ("input", "logits")
+    session = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
+    x = torch.randn(1, 1, 28, 28, generator=torch.Generator().manual_seed(6))
+    got = torch.from_numpy(session.run([meta["output_name"]], {meta["input_name"]: x.numpy()})[0])
+    with torch.inference_mode():
+        assert torch.allclose(got, loaded.model(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("fmt", ["torchscript", "export"])
+def test_verification_catches_a_file_that_computes_something_else(loaded, fmt):
+    from resnet_cli.export import ExportMismatch, export_bytes, verify_export
+    from resnet_cli.models import build_model
+
+    other = build_model("resnet20", in_channels=1, num_classes=10).eval()  # same shapes, other weights
+    data = export_bytes(other, loaded.prep, fmt)
+    assert verify_export(other, data, fmt, loaded.prep) <= 1e-5
+    with pytest.raises(ExportMismatch, match=rf"the exported {fmt} model's outputs differ .*max \|diff\|"):
+        verify_export(loaded.model, data, fmt, loaded.prep)
+
+
+def test_a_model_that_cannot_be_verified_writes_nothing(run_dir, tmp_path):
+    from resnet_cli.checkpoint import load_checkpoint, save_checkpoint
+
+    state = load_checkpoint(run_dir / "checkpoints" / "best.pt")
+    state["model"]["fc.bias"][0] = float("nan")  # damaged weights: no output to compare with
+    damaged = tmp_path / "damaged.pt"
+    save_checkpoint(damaged, {k: v for k, v in state.items() if k != "format"})
+    output = tmp_path / "model.pt"
+    proc = run_cli("resnet-export", f"checkpoint={damaged}", f"output={output}", timeout=300)
+    assert_failed_in_one_line(proc.returncode, proc.stderr, "non-finite outputs", "nothing written")
+    assert not output.exists() and not (tmp_path / "model.pt.json").exists() and proc.stdout == ""
+
+
+def assert_failed_in_one_line(code: int, err: str, *needles: str) -> None:
+    """A run that failed while running (exit 1), said in one line."""
+    assert code == 1, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+def limited_file_size(limit: int):
+    """For a child process: writes past `limit` bytes fail with EFBIG, as on a full disk
+    (SIGXFSZ ignored, so the write returns the error instead of killing the process)."""
+    import resource
+    import signal
+
+    def apply():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    return apply
+
+
+def test_a_write_error_is_one_line_and_keeps_the_old_file(run_dir, tmp_path):
+    import subprocess
+
+    from conftest import command
+
+    output = tmp_path / "model.pt2"
+    output.write_bytes(b"the previous export")
+    proc = subprocess.run([command("resnet-export"), f"checkpoint={run_dir}", "format=export", f"output={output}"],
+                          capture_output=True, text=True, timeout=300, preexec_fn=limited_file_size(64_000))
+    assert_failed_in_one_line(proc.returncode, proc.stderr, f"cannot write {output}: File too large",
+                              "files written before are intact")
+    assert output.read_bytes() == b"the previous export"
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+@pytest.mark.parametrize("where", ["under_a_file", "device"])
+def test_an_unwritable_output_is_refused_before_exporting(run_dir, tmp_path, where, monkeypatch, capsys):
+    from resnet_cli.export import main
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    output, needle = {"under_a_file": (blocker / "model.pt", f"cannot write there ({blocker} is not a folder)"),
+                      "device": (Path("/dev/null"), "exists and is not a regular file")}[where]
+    code, out, err = call_main(main, "resnet-export", [f"checkpoint={run_dir}", f"output={output}"], monkeypatch,
+                               capsys)
+    assert_one_error_line(code, err, f"output={output}", needle)
+    assert out == "" and Path("/dev/null").is_char_device()

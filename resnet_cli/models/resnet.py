@@ -39,6 +39,10 @@ class ModelSpec:
     conv_bias: bool = False  # the d2l reference keeps PyTorch's default conv biases
     in_channels: int | None = None  # None: from the dataset (3 outside training)
     num_classes: int | None = None  # None: from the dataset (1000 outside training)
+    # Fine-tuning (resnet_cli/finetune.py; training only, build_model ignores them)
+    init_from: str | None = None  # a torchvision state_dict file or a resnet-cli checkpoint
+    freeze: list[str] | None = None  # parts to keep fixed: stem, layer1..layerN, fc
+    backbone_lr_scale: float | None = None  # the backbone's lr / the classifier's; None: the same
 
     def validate(self) -> None:
         def bad(key: str, value: Any, allowed: str) -> ModelConfigError:

@@ -1,0 +1,207 @@
+"""Fine-tuning: start from pretrained weights (`model.init_from`), freeze parts of the network
+(`model.freeze`), and train the backbone at a lower lr than the classifier
+(`model.backbone_lr_scale`). Issue 14.
+
+`init_from` takes a torchvision state_dict file (resnet18-f37072fd.pth, ...), a resnet-cli
+checkpoint, or a dict holding a state_dict under "model" or "state_dict". Shapes must match
+this model's, with two exceptions that fine-tuning needs: a stem with other input channels
+(adapted as timm's `adapt_input_conv` does) and a classifier with another number of classes
+(replaced by the new model's own, freshly initialized one).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from .models.resnet import ModelConfigError
+
+log = logging.getLogger("resnet_cli")
+
+HEAD = "fc"
+# Prefixes that wrappers add to state_dict keys: DistributedDataParallel, torch.compile.
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def part_names(num_stages: int) -> list[str]:
+    return ["stem"] + [f"layer{i + 1}" for i in range(num_stages)] + [HEAD]
+
+
+def check(model_cfg: Mapping[str, Any], scheduler_cfg: Mapping[str, Any], resuming: bool) -> None:
+    """The fine-tuning keys, before anything is loaded (the weights' shapes are checked
+    once the model is built)."""
+    allowed = part_names(len(model_cfg["layers"]))
+    for name in model_cfg.get("freeze") or []:
+        if name not in allowed:
+            raise ModelConfigError(f"model.freeze=[{', '.join(model_cfg['freeze'])}]: unknown part {name}; "
+                                   f"choose from {', '.join(allowed)}")
+    scale = model_cfg.get("backbone_lr_scale")
+    if scale is not None:
+        if not scale > 0:
+            raise ModelConfigError(f"model.backbone_lr_scale={scale}: must be > 0 (or null: the same lr)")
+        if scheduler_cfg.get("min_lr_ratio"):
+            # CosineAnnealingLR has one eta_min for every param group, so the backbone's
+            # floor would be the classifier's.
+            raise ModelConfigError(f"model.backbone_lr_scale={scale}: cannot be combined with "
+                                   f"scheduler.min_lr_ratio={scheduler_cfg['min_lr_ratio']}; set one of them to 0/null")
+    path = model_cfg.get("init_from")
+    if path and not resuming and not Path(path).expanduser().is_file():
+        raise ModelConfigError(f"model.init_from={path}: no such file")
+
+
+# ---------------------------------------------------------------- reading weights
+
+def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], str]:
+    """(state_dict, what the file was). Tensors and plain containers only (weights_only)."""
+    from .checkpoint import FORMAT
+
+    p = Path(path).expanduser()
+    try:
+        obj = torch.load(p, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ModelConfigError(f"model.init_from={path}: no such file") from None
+    except Exception as e:  # the unpickler fails in many ways on damaged or foreign files
+        first = (str(e).strip().splitlines() or [""])[0][:160]
+        raise ModelConfigError(f"model.init_from={path}: cannot be read as weights ({type(e).__name__}: {first})") \
+            from None
+    kind = "state_dict"
+    if isinstance(obj, Mapping) and obj.get("format") == FORMAT:
+        obj, kind = obj["model"], f"resnet-cli checkpoint, epoch {obj.get('epoch')}"
+    elif isinstance(obj, Mapping) and not _is_state_dict(obj):
+        inner = next((k for k in ("model", "state_dict") if _is_state_dict(obj.get(k))), None)
+        if inner is None:
+            raise ModelConfigError(f"model.init_from={path}: holds no state_dict (a dict of tensors, or one "
+                                   "under 'model' or 'state_dict')")
+        obj, kind = obj[inner], f"state_dict under '{inner}'"
+    if not _is_state_dict(obj):
+        raise ModelConfigError(f"model.init_from={path}: holds a {type(obj).__name__}, not a state_dict")
+    return {_strip(k): v for k, v in obj.items()}, kind
+
+
+def _is_state_dict(obj: Any) -> bool:
+    return isinstance(obj, Mapping) and bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
+
+
+def _strip(key: str) -> str:
+    for prefix in WRAPPER_PREFIXES:
+        while key.startswith(prefix):
+            key = key[len(prefix):]
+    return key
+
+
+def adapt_input_conv(weight: torch.Tensor, in_channels: int) -> torch.Tensor:
+    """An RGB stem's filters for `in_channels` inputs (timm's adapt_input_conv): summed for
+    one channel (a gray image then gets the response the RGB filters give to that gray in
+    all three channels); else repeated and scaled so activations keep their size."""
+    if in_channels == 1:
+        return weight.sum(dim=1, keepdim=True)
+    repeat = math.ceil(in_channels / weight.shape[1])
+    return weight.repeat(1, repeat, 1, 1)[:, :in_channels] * (weight.shape[1] / in_channels)
+
+
+def stem_conv_key(model: nn.Module) -> str:
+    """The state_dict key of the first convolution's weight (the one that sees the image)."""
+    name = next(n for n, m in model.named_modules() if isinstance(m, nn.Conv2d))
+    return f"{name}.weight"
+
+
+def fitted_state(model: nn.Module, state: Mapping[str, torch.Tensor], path: str) -> tuple[dict, int, list[str]]:
+    """`state` made to fit `model`: (state_dict to load strictly, how many tensors came from
+    `state`, what was changed)."""
+    own = model.state_dict()
+    stem, notes, out = stem_conv_key(model), [], {}
+    extra = [k for k in state if k not in own]
+    if extra:  # checked first: a missing stage also changes the classifier's input width
+        raise ModelConfigError(f"model.init_from={path}: {extra[0]} {tuple(state[extra[0]].shape)} is not in this "
+                               f"model ({len(extra)} such keys); is it another architecture?")
+    for key, mine in own.items():
+        if key not in state:
+            if key.endswith("num_batches_tracked"):  # older files predate this buffer
+                continue
+            raise ModelConfigError(f"model.init_from={path}: has no {key} (this model's {tuple(mine.shape)}); "
+                                   "is it another architecture? pick the model preset it was trained as")
+        theirs = state[key]
+        if theirs.shape == mine.shape:
+            out[key] = theirs
+        elif key == stem and theirs.ndim == 4 and theirs.shape[0] == mine.shape[0] and theirs.shape[2:] == mine.shape[2:]:
+            out[key] = adapt_input_conv(theirs, mine.shape[1])
+            how = "summing the RGB filters" if mine.shape[1] == 1 else "repeating and scaling the filters"
+            notes.append(f"{key} adapted from {theirs.shape[1]} to {mine.shape[1]} input channel(s) by {how}")
+        elif key.split(".")[0] == HEAD and theirs.shape[1:] == mine.shape[1:]:
+            if key.endswith("weight"):
+                notes.append(f"classifier {HEAD} replaced: {theirs.shape[0]} -> {mine.shape[0]} classes, "
+                             "newly initialized")
+        else:
+            raise ModelConfigError(f"model.init_from={path}: {key} has shape {tuple(theirs.shape)} there but "
+                                   f"{tuple(mine.shape)} in this model (only the stem's input channels and the "
+                                   "number of classes may differ)")
+    return {**own, **out}, len(out), notes
+
+
+# ---------------------------------------------------------------- freezing and lr
+
+class EvalBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm that stays in eval mode: a frozen part keeps its running statistics, as the
+    frozen backbones of torchvision's detection models do. Same state_dict as BatchNorm2d."""
+
+    def train(self, mode: bool = True) -> "EvalBatchNorm2d":
+        return super().train(False)
+
+
+def parts(model: nn.Module) -> dict[str, list[str]]:
+    """Part name -> the top-level module names it covers."""
+    stages = list(model.stage_names)
+    return {"stem": list(model.stem_names), **{s: [s] for s in stages}, HEAD: [HEAD]}
+
+
+def freeze(model: nn.Module, names: list[str]) -> None:
+    tops = {t for name in names for t in parts(model)[name]}
+    for full, module in list(model.named_modules()):
+        if full.split(".")[0] not in tops:
+            continue
+        for p in module.parameters(recurse=False):
+            p.requires_grad_(False)
+        if type(module) is nn.BatchNorm2d:
+            frozen = EvalBatchNorm2d(module.num_features, module.eps, module.momentum, module.affine,
+                                     module.track_running_stats)
+            frozen.load_state_dict(module.state_dict())
+            frozen.requires_grad_(False)
+            parent, _, leaf = full.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, leaf, frozen)
+
+
+def lr_groups(groups: list[dict[str, Any]], model: nn.Module, backbone_lr: float) -> list[dict[str, Any]]:
+    """Each param group split in two: the classifier's parameters first (at the optimizer's
+    lr, which metrics.jsonl reports), then the backbone's at `backbone_lr`."""
+    head = {id(p) for p in getattr(model, HEAD).parameters()}
+    heads, backbones = [], []
+    for g in groups:
+        params = list(g["params"])
+        heads.append({**g, "params": [p for p in params if id(p) in head]})
+        backbones.append({**g, "params": [p for p in params if id(p) not in head], "lr": backbone_lr})
+    return [g for g in heads + backbones if g["params"]]
+
+
+# ---------------------------------------------------------------- the one call in training
+
+def init_model(model: nn.Module, model_cfg: Mapping[str, Any], resuming: bool = False) -> None:
+    """Load `model.init_from` (not when resuming: the checkpoint has the weights), then
+    freeze `model.freeze`. Call before moving the model to its device."""
+    path = model_cfg.get("init_from")
+    if path and not resuming:
+        state, kind = read_state_dict(path)
+        fitted, loaded, notes = fitted_state(model, state, path)
+        model.load_state_dict(fitted)
+        log.info("init_from %s (%s): %d tensors loaded%s", path, kind, loaded, "".join(f"; {n}" for n in notes))
+    names = list(model_cfg.get("freeze") or [])
+    if names:
+        freeze(model, names)
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        log.info("frozen: %s (their BatchNorm statistics too); %s parameters left to train", ", ".join(names),
+                 f"{trainable:,}")
+

@@ -131,8 +131,9 @@ def train_flops_per_image(model_name: str, size: int) -> float:
     return 6.0 * macs  # forward 2*MACs, backward about twice the forward
 
 
-def cli_images_per_s(model_name: str, size: int, batch: int, steps: int, root: str | None) -> float:
-    """What `resnet-train` itself logs as train_images_per_s for a short run (includes warm-up)."""
+def cli_run(model_name: str, size: int, batch: int, steps: int, root: str | None) -> tuple[float, dict]:
+    """What `resnet-train` itself logs as train_images_per_s for a short run (includes warm-up),
+    and its results.json time_s: where the whole process's time went."""
     with tempfile.TemporaryDirectory() as tmp:
         data = [f"data.root={root}"] if root else ["data=synthetic", "data.image_size=28", f"data.resize={size}"]
         cmd = [str(Path(sys.executable).parent / "resnet-train"), f"model={model_name}", *data,
@@ -142,7 +143,8 @@ def cli_images_per_s(model_name: str, size: int, batch: int, steps: int, root: s
             cmd.append(f"data.train_size={steps * batch}")
         subprocess.run(cmd, check=True, capture_output=True)
         row = json.loads((Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()[0])
-        return row["train_images_per_s"]
+        results = json.loads((Path(tmp) / "run" / "results.json").read_text())
+        return row["train_images_per_s"], results.get("time_s", {})
 
 
 def _cuda_settings(resnet_train: bool) -> None:
@@ -196,8 +198,9 @@ def main() -> None:
         })
     out["timed_steps"] = a.steps
     if a.cli:
-        out["resnet_train_logged_images_per_s"] = cli_images_per_s(models[0], a.size, a.batch, a.steps + a.warmup,
-                                                                   root)
+        ips, time_s = cli_run(models[0], a.size, a.batch, a.steps + a.warmup, root)
+        out["resnet_train_logged_images_per_s"] = ips
+        out.update({f"resnet_train_time_s_{k}": v for k, v in time_s.items()})
     width = max(len(k) for k in out)
     for k, v in out.items():
         print(f"{k:<{width}}  {v:,.3f}" if isinstance(v, float) else f"{k:<{width}}  {v}")

@@ -16,6 +16,7 @@ from typing import Any, Mapping, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from .data.sources import DATASETS as DATASET_FACTS
 from .errors import ConfigError
 from .models.resnet import ModelSpec
 
@@ -37,9 +38,16 @@ class DataConfig:
     resize: Optional[int] = None  # None keeps the native size
     limit_train: Optional[int] = None
     limit_test: Optional[int] = None
+    # Training images held out (always the same ones, whatever the seed) for model selection.
+    val_size: Optional[int] = None
     augment: str = "standard"
     hflip: bool = True  # only where a mirrored image is still the same class (not digits)
     crop_padding: int = 4
+    # Random erasing (Zhong et al. 2020) with augment=standard; torchvision's defaults.
+    erase_prob: float = 0.0
+    erase_scale: list[float] = field(default_factory=lambda: [0.02, 0.33])  # of the image's area
+    erase_ratio: list[float] = field(default_factory=lambda: [0.3, 3.3])  # height / width
+    erase_value: float = 0.0  # after normalization: 0 is the mean
     normalize: bool = True
     mean: Optional[list[float]] = None
     std: Optional[list[float]] = None
@@ -142,6 +150,12 @@ def check_values(cfg: Mapping[str, Any]) -> None:
     _check(d["augment"] in AUGMENTS, "data.augment", d["augment"], f"choose from {', '.join(AUGMENTS)}")
     _check(d["pipeline"] in PIPELINES, "data.pipeline", d["pipeline"], f"choose from {', '.join(PIPELINES)}")
     _check(d["crop_padding"] >= 0, "data.crop_padding", d["crop_padding"], "must be >= 0")
+    _check(0 <= d["erase_prob"] <= 1, "data.erase_prob", d["erase_prob"], "must be in [0, 1] (0: no erasing)")
+    _check(_interval(d["erase_scale"], 1.0), "data.erase_scale", list(d["erase_scale"]),
+           "must be [lo, hi] with 0 < lo <= hi <= 1")
+    _check(_interval(d["erase_ratio"], float("inf")), "data.erase_ratio", list(d["erase_ratio"]),
+           "must be [lo, hi] with 0 < lo <= hi")
+    _check_val_size(d, cfg["batch_size"])
     if d["std"] is not None:
         _check(all(v > 0 for v in d["std"]), "data.std", list(d["std"]), "every entry must be > 0")
     _check(t["precision"] in PRECISIONS, "trainer.precision", t["precision"], f"choose from {', '.join(PRECISIONS)}")
@@ -191,6 +205,7 @@ SCHEDULER_RANGES = {
     "pct_start": (lambda v: 0 < v < 1, "must be in (0, 1)"),
     "div_factor": (lambda v: v > 0, "must be > 0"),
     "final_div_factor": (lambda v: v > 0, "must be > 0"),
+    "max_warmup_fraction": (lambda v: 0 <= v <= 1, "must be in [0, 1] (a fraction of the run)"),
 }
 
 
@@ -251,6 +266,24 @@ def _check_ranges(section: str, node: Mapping[str, Any], ranges: Mapping[str, tu
     for key, (ok, allowed) in ranges.items():
         if node.get(key) is not None:
             _check(ok(node[key]), f"{section}.{key}", node[key], allowed)
+
+
+def _interval(v: Any, top: float) -> bool:
+    return len(v) == 2 and 0 < v[0] <= v[1] <= top
+
+
+def _check_val_size(d: Mapping[str, Any], batch_size: int) -> None:
+    val = d["val_size"]
+    if val is None:
+        return
+    _check(val >= 1, "data.val_size", val, "must be >= 1 (or null for no validation split)")
+    sizes = [d["limit_train"], d["train_size"] if d["name"] == "synthetic" else None,
+             DATASET_FACTS[d["name"]].train_images if d["name"] in DATASET_FACTS else None]
+    known = [n for n in sizes if n is not None]
+    if known:  # an image folder's size is only known once read: load_data checks it then
+        pool = min(known)
+        _check(pool - val >= batch_size, "data.val_size", val,
+               f"must leave at least one batch of training images ({pool} - {val} < batch_size={batch_size})")
 
 
 def to_container(cfg: DictConfig) -> dict[str, Any]:

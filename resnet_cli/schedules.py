@@ -12,6 +12,12 @@ from torch.optim.lr_scheduler import (ConstantLR, CosineAnnealingLR, LinearLR, L
                                       OneCycleLR, SequentialLR)
 
 
+def warmup_steps(warmup_epochs: float, steps_per_epoch: int, total_steps: int, max_fraction: float) -> int:
+    """warmup_epochs, but at most max_fraction of the run (and never all of it): a fixed
+    epoch of warmup would be half of a 2-epoch run (issue 13)."""
+    return max(0, min(round(warmup_epochs * steps_per_epoch), round(max_fraction * total_steps), total_steps - 1))
+
+
 def _with_warmup(optimizer: Optimizer, main: LRScheduler, warmup_steps: int, start_factor: float) -> LRScheduler:
     if warmup_steps <= 0:
         return main
@@ -20,24 +26,25 @@ def _with_warmup(optimizer: Optimizer, main: LRScheduler, warmup_steps: int, sta
 
 
 def constant(optimizer: Optimizer, *, total_steps: int, steps_per_epoch: int, warmup_epochs: float = 0.0,
-             warmup_start: float = 0.1) -> LRScheduler:
-    warmup = round(warmup_epochs * steps_per_epoch)
+             warmup_start: float = 0.1, max_warmup_fraction: float = 1.0) -> LRScheduler:
+    warmup = warmup_steps(warmup_epochs, steps_per_epoch, total_steps, max_warmup_fraction)
     return _with_warmup(optimizer, ConstantLR(optimizer, factor=1.0, total_iters=0), warmup, warmup_start)
 
 
 def cosine(optimizer: Optimizer, *, total_steps: int, steps_per_epoch: int, warmup_epochs: float = 1.0,
-           warmup_start: float = 0.1, min_lr_ratio: float = 0.0) -> LRScheduler:
+           warmup_start: float = 0.1, min_lr_ratio: float = 0.0, max_warmup_fraction: float = 1.0) -> LRScheduler:
     """Linear warmup, then cosine decay to min_lr_ratio * lr at the last step."""
-    warmup = min(round(warmup_epochs * steps_per_epoch), total_steps - 1)
+    warmup = warmup_steps(warmup_epochs, steps_per_epoch, total_steps, max_warmup_fraction)
     base = optimizer.param_groups[0]["lr"]
     main = CosineAnnealingLR(optimizer, T_max=max(total_steps - warmup, 1), eta_min=base * min_lr_ratio)
     return _with_warmup(optimizer, main, warmup, warmup_start)
 
 
 def step(optimizer: Optimizer, *, total_steps: int, steps_per_epoch: int, milestones: list[float] = (0.5, 0.75),
-         gamma: float = 0.1, warmup_epochs: float = 0.0, warmup_start: float = 0.1) -> LRScheduler:
+         gamma: float = 0.1, warmup_epochs: float = 0.0, warmup_start: float = 0.1,
+         max_warmup_fraction: float = 1.0) -> LRScheduler:
     """Multiply the lr by gamma at each milestone, given as a fraction of the run."""
-    warmup = round(warmup_epochs * steps_per_epoch)
+    warmup = warmup_steps(warmup_epochs, steps_per_epoch, total_steps, max_warmup_fraction)
     at = sorted({max(1, round(m * total_steps) - warmup) for m in milestones})
     return _with_warmup(optimizer, MultiStepLR(optimizer, milestones=at, gamma=gamma), warmup, warmup_start)
 

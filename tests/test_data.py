@@ -1,16 +1,22 @@
 """The device-side pipeline against the standard per-sample path, augmentation, order,
-sharding, and every precision setting."""
+sharding, the validation split, and every precision setting."""
 
 from __future__ import annotations
+
+import re
 
 import pytest
 import torch
 from omegaconf import OmegaConf
 
 from resnet_cli.cli import compose
-from resnet_cli.data import load_data
+from resnet_cli.config import ConfigError, check_values
+from resnet_cli.data import DataError, holdout, load_data
 from resnet_cli.data.batches import EpochOrder
-from resnet_cli.data.transforms import Preprocess, random_crop, random_hflip
+from resnet_cli.data.transforms import (Preprocess, SampleErase, erase, erase_boxes, erase_draws, random_crop,
+                                        random_erase, random_hflip)
+
+from conftest import run_cli
 
 CPU = torch.device("cpu")
 
@@ -103,6 +109,144 @@ def test_flip_mirrors_some_images_and_keeps_others():
     flipped = [torch.equal(o, xi.flip(-1)) for o, xi in zip(out, x)]
     kept = [torch.equal(o, xi) for o, xi in zip(out, x)]
     assert all(f or k for f, k in zip(flipped, kept)) and 10 < sum(flipped) < 54
+
+
+def per_sample(transform, images: torch.Tensor, seed: int) -> torch.Tensor:
+    """A torchvision-style transform applied image by image, drawing from the global RNG."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return torch.stack([transform(img) for img in images])
+
+
+def test_crop_equals_torchvision_random_crop_from_the_same_draws():
+    from torchvision.transforms import v2
+
+    x = torch.rand(40, 2, 11, 11)
+    batched = random_crop(x, 3, torch.Generator().manual_seed(4))
+    assert torch.equal(batched, per_sample(v2.RandomCrop(11, padding=3), x, seed=4))
+
+
+def test_flip_equals_torchvision_random_flip_from_the_same_draws():
+    from torchvision.transforms import v2
+
+    x = torch.rand(40, 1, 6, 6)
+    batched = random_hflip(x, torch.Generator().manual_seed(9))
+    assert torch.equal(batched, per_sample(v2.RandomHorizontalFlip(), x, seed=9))
+    assert not torch.equal(batched, x) and not torch.equal(batched, x.flip(-1))  # some of each
+
+
+ERASE = Preprocess(channels=3, size=20, mean=None, std=None, augment=True, erase_prob=0.7, erase_value=-2.0)
+
+
+def test_batched_erasing_equals_the_per_sample_twin_from_the_same_draws():
+    x = torch.rand(64, 3, 20, 20)
+    batched = random_erase(x, ERASE, torch.Generator().manual_seed(3))
+    twin = SampleErase(ERASE, torch.Generator().manual_seed(3))
+    assert torch.equal(batched, torch.stack([twin(img) for img in x]))
+    erased = (batched == -2.0).all(dim=1)  # every channel of an erased pixel
+    assert 25 < int(erased.any(dim=(1, 2)).sum()) < 60  # erase_prob 0.7 of 64 images
+    assert torch.equal(batched[~(batched == -2.0)], x[~(batched == -2.0)])  # nothing else changes
+
+
+def test_erasing_is_torchvision_random_erasing():
+    from torchvision.transforms import v2
+    from torchvision.transforms.v2 import functional as TF
+
+    # Application: each box is what torchvision's own erase() writes.
+    x = torch.rand(32, 1, 28, 28)
+    boxes = erase_boxes(erase_draws(32, torch.Generator().manual_seed(0)), 28, 28, 1.0, (0.02, 0.33), (0.3, 3.3))
+    expected = torch.stack([TF.erase(img, *b.tolist(), v=torch.tensor(0.5)) for img, b in zip(x, boxes)])
+    assert torch.equal(erase(x, boxes, 0.5), expected)
+    # Boxes: the same distribution as v2.RandomErasing's (4,000 draws each, fixed seeds).
+    ours = erase_boxes(erase_draws(4000, torch.Generator().manual_seed(1)), 28, 28, 0.5, (0.02, 0.33), (0.3, 3.3))
+    ours_area = (ours[:, 2] * ours[:, 3]).float() / 784
+    theirs_area = per_sample(v2.RandomErasing(p=0.5, value=-1.0), torch.zeros(4000, 1, 28, 28), seed=1)
+    theirs_area = (theirs_area == -1.0).float().mean(dim=(1, 2, 3))
+    assert abs(float((ours_area > 0).float().mean()) - float((theirs_area > 0).float().mean())) < 0.04
+    assert abs(float(ours_area[ours_area > 0].mean()) - float(theirs_area[theirs_area > 0].mean())) < 0.015
+    assert float(ours_area.max()) <= 0.33 * 1.1 and (ours[:, 0] + ours[:, 2]).max() <= 28
+
+
+def test_both_paths_erase_training_batches_alike_and_never_evaluation():
+    cfg = data_cfg("data=synthetic", "data.train_size=256", "data.test_size=64", "data.augment=standard",
+                   "data.crop_padding=0", "data.hflip=false", "data.normalize=false", "data.erase_prob=1.0",
+                   "data.erase_value=-1.0")
+    mem, std = both_paths(cfg)
+
+    def erased_share(batches):
+        return torch.cat([(x == -1.0).float().mean(dim=(1, 2, 3)) for x, _ in batches])
+
+    a, b = erased_share(mem.train.batches(0)), erased_share(std.train.batches(0))
+    assert len(a) == len(b) == 256 and (a > 0).float().mean() > 0.95 and (b > 0).float().mean() > 0.95
+    assert abs(float(a.mean()) - float(b.mean())) < 0.04  # same distribution of box sizes
+    assert erased_share(mem.test.batches()).sum() == erased_share(std.test.batches()).sum() == 0
+    plain = load_data({**cfg, "erase_prob": 0.0}, 64, 128, 0, CPU)
+    # Erasing draws after crop and flip: turning it on changes nothing else.
+    for (xe, _), (xp, _) in zip(mem.train.batches(0), plain.train.batches(0)):
+        assert torch.equal(xe[xe != -1.0], xp[xe != -1.0])
+
+
+def test_validation_split_is_fixed_disjoint_and_sized():
+    train, val = holdout(1000, 150)
+    assert len(val) == 150 and len(train) == 850
+    assert not set(train.tolist()) & set(val.tolist()) and set(train.tolist()) | set(val.tolist()) == set(range(1000))
+    cfg = data_cfg("data=synthetic", "data.train_size=300", "data.test_size=40", "data.val_size=60")
+    runs = [load_data(cfg, 32, 64, seed, CPU) for seed in (0, 1, 2)]
+    vals = [torch.cat([x for x, _ in d.val.batches()]) for d in runs]
+    assert all(torch.equal(vals[0], v) for v in vals[1:])  # every seed scores the same images
+    d = runs[0]
+    assert (d.num_train, d.num_val, d.num_test) == (240, 60, 40)
+    train_x = torch.cat([x for x, _ in d.train.batches(0)])
+    assert not (train_x[:, None] == vals[0][None]).flatten(2).all(2).any()  # no validation image is trained on
+    assert holdout(1000, None)[1] is None and load_data({**cfg, "val_size": None}, 32, 64, 0, CPU).val is None
+
+
+def test_validation_split_is_the_same_on_both_paths_and_under_ddp():
+    cfg = data_cfg("data=synthetic", "data.train_size=300", "data.test_size=40", "data.val_size=61")
+    mem, std = both_paths(cfg, batch=32)
+    for (xa, ya), (xb, yb) in zip(mem.val.batches(), std.val.batches()):
+        assert torch.equal(ya, yb)
+        torch.testing.assert_close(xa, xb, atol=1e-4, rtol=0)
+    assert len(mem.train) == len(std.train) == 7  # 239 training images, batch 32: the short 8th is dropped
+    shards = [load_data(cfg, 32, 16, 0, CPU, rank, 2).val for rank in range(2)]
+    labels = [torch.cat([y for _, y in s.batches()]) for s in shards]
+    assert [len(y) for y in labels] == [31, 30]  # sharded like the test set: every image once
+    whole = torch.cat([y for _, y in mem.val.batches()])
+    assert sorted(torch.cat(labels).tolist()) == sorted(whole.tolist())
+
+
+def test_validation_split_on_fashion_mnist_is_preprocessed_like_the_test_set(real_data):
+    cfg = data_cfg(f"data.root={real_data}", "data.limit_train=600", "data.limit_test=100", "data.val_size=100",
+                   "data.resize=null")
+    d = load_data(cfg, 64, 128, 0, CPU)
+    assert (d.num_train, d.num_val) == (500, 100)
+    x, y = next(iter(d.val.batches()))
+    assert x.shape == (100, 1, 28, 28) and len(set(y.tolist())) > 5
+    again = torch.cat([x for x, _ in d.val.batches()])
+    assert torch.equal(x, again)  # no augmentation: evaluation preprocessing
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("data.val_size=0", "data.val_size=0: must be >= 1"),
+    ("data.val_size=59800", "must leave at least one batch"),
+    ("data.erase_prob=1.5", "data.erase_prob=1.5: must be in [0, 1]"),
+    ("data.erase_scale=[0.4,0.1]", "data.erase_scale=[0.4, 0.1]: must be [lo, hi]"),
+    ("data.erase_ratio=[0,2]", "data.erase_ratio=[0.0, 2.0]: must be [lo, hi]"),
+])
+def test_bad_erasing_and_validation_values_are_refused(override, needle):
+    cfg = OmegaConf.to_container(compose("train", [override]), resolve=True)
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        check_values(cfg)
+
+
+def test_too_large_a_validation_split_fails_in_one_line(tmp_path):
+    proc = run_cli("resnet-train", "data=synthetic", "data.val_size=400", cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: data.val_size=400: ")
+    assert proc.stderr.count("\n") == 1 and not (tmp_path / "outputs").exists()
+    # An image folder is only counted when read: load_data refuses it then, naming the key.
+    cfg = data_cfg("data=synthetic", "data.train_size=100", "data.val_size=50")
+    with pytest.raises(DataError, match="data.val_size=50: leaves 50 of 100"):
+        load_data(cfg, 64, 64, 0, CPU)
 
 
 def test_epoch_order_shards_disjointly():

@@ -106,3 +106,27 @@ def test_cpu_eta_hint_names_the_eta_and_the_cpu_recipe_once(caplog, epochs, expe
     else:
         assert lines == []
     assert tr.eta_hint_given
+
+
+def test_a_validation_split_selects_the_best_checkpoint(tmp_path):
+    """With data.val_size, best.pt is the epoch with the best validation accuracy and the test
+    split is only scored (issue 13: selecting on the test set makes its score optimistic)."""
+    import json
+
+    from resnet_cli.checkpoint import load_checkpoint
+
+    from conftest import run_cli
+
+    run = tmp_path / "run"
+    run_cli("resnet-train", "data=synthetic", "data.train_size=256", "data.test_size=64", "data.val_size=64",
+            "model=resnet20", "model.layers=[1,1,1]", "batch_size=32", "epochs=3", "trainer.progress=none",
+            "trainer.ema_decay=0.9", f"hydra.run.dir={run}", cwd=tmp_path, check=True)
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    results = json.loads((run / "results.json").read_text())
+    assert all({"val_acc", "val_loss", "test_acc", "ema_val_acc", "ema_test_acc", "elapsed_s"} <= set(r) for r in rows)
+    best = max(rows, key=lambda r: r["val_acc"])  # the first epoch with the best val_acc
+    assert results["selection"] == "val_acc" and results["best_epoch"] == best["epoch"]
+    assert results["best_val_acc"] == best["val_acc"] and results["best_test_acc"] == best["test_acc"]
+    assert results["final_test_acc"] == rows[-1]["test_acc"]
+    assert load_checkpoint(run / "checkpoints" / "best.pt")["epoch"] == best["epoch"]
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["ema"] is not None

@@ -1,8 +1,10 @@
-"""Data: `load_data(data_cfg, ...)` returns train/test batch sources and dataset facts."""
+"""Data: `load_data(data_cfg, ...)` returns train/validation/test batch sources and dataset facts."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import copy
+from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -13,9 +15,14 @@ from .batches import DeviceBatches, EpochOrder, LoaderBatches, default_workers
 from .sources import DATASETS, DataError, as_uint8_nchw, check_available, open_torchvision, synthetic
 from .transforms import Preprocess, device_batch, sample_transform
 
-__all__ = ["Data", "DataError", "Preprocess", "check_available", "device_batch", "load_data", "sample_transform"]
+__all__ = ["Data", "DataError", "Preprocess", "check_available", "device_batch", "holdout", "load_data",
+           "sample_transform"]
 
 IN_MEMORY = ("fashion_mnist", "mnist", "cifar10", "cifar100", "synthetic")
+
+# The validation split's own seed, not the run's: every seed of a sweep must be scored on the
+# same held-out images, or seed-to-seed spread would mix model and split variance (issue 13).
+VAL_SPLIT_SEED = 13
 
 
 @dataclass
@@ -25,9 +32,20 @@ class Data:
     prep: Preprocess  # training preprocessing; evaluation is the same without augmentation
     num_classes: int
     class_names: list[str]
-    num_train: int  # over all ranks
+    num_train: int  # over all ranks, without the validation images
     num_test: int
     pipeline: str  # "memory" or "loader"
+    val: DeviceBatches | LoaderBatches | None = None  # data.val_size images held out of train
+    num_val: int = 0
+
+
+def holdout(n: int, val_size: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(train, validation) indices into n training images; the split depends only on n and
+    val_size. Training indices keep their order, so without a split nothing changes."""
+    if not val_size:
+        return torch.arange(n), None
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(VAL_SPLIT_SEED))
+    return order[val_size:].sort().values, order[:val_size].sort().values
 
 
 def _limit(n: int, limit: int | None) -> int:
@@ -69,11 +87,18 @@ def load_data(cfg: Mapping[str, Any], batch_size: int, eval_batch_size: int, see
         class_names = list(tv_train.classes)
         ch, ncls, native = DATASETS[name].channels, len(class_names), tr_x.shape[-1]
 
+    n_pool = _limit(len(tv_train) if name == "imagefolder" else len(tr_x), cfg.get("limit_train"))
+    n_test = _limit(len(tv_test) if name == "imagefolder" else len(te_x), cfg.get("limit_test"))
+    val_size = cfg.get("val_size")
+    if val_size and n_pool - val_size < batch_size:
+        raise DataError(f"data.val_size={val_size}: leaves {n_pool - val_size} of {n_pool} training images, "
+                        f"less than one batch (batch_size={batch_size}); hold out fewer")
+    train_idx, val_idx = holdout(n_pool, val_size)
+    n_train, n_val = len(train_idx), 0 if val_idx is None else len(val_idx)
     if name != "imagefolder":
-        n_train, n_test = _limit(len(tr_x), cfg.get("limit_train")), _limit(len(te_x), cfg.get("limit_test"))
-        tr_x, tr_y, te_x, te_y = tr_x[:n_train], tr_y[:n_train], te_x[:n_test], te_y[:n_test]
-    else:
-        n_train, n_test = _limit(len(tv_train), cfg.get("limit_train")), _limit(len(tv_test), cfg.get("limit_test"))
+        pool_x, pool_y = tr_x[:n_pool], tr_y[:n_pool]
+        tr_x, tr_y = (pool_x, pool_y) if val_idx is None else (pool_x[train_idx], pool_y[train_idx])
+        te_x, te_y = te_x[:n_test], te_y[:n_test]
 
     mean, std = cfg.get("mean"), cfg.get("std")
     if cfg.get("normalize", True):
@@ -91,22 +116,33 @@ def load_data(cfg: Mapping[str, Any], batch_size: int, eval_batch_size: int, see
     if size is None:
         raise DataError("data.resize: imagefolder needs a size (e.g. data.resize=224)")
     prep = Preprocess(channels=ch, size=size, mean=mean, std=std, augment=cfg.get("augment", "none") != "none",
-                      hflip=bool(cfg.get("hflip", False)), crop_padding=int(cfg.get("crop_padding", 4)))
-    eval_prep = Preprocess(**{**prep.as_dict(), "augment": False, "mean": mean, "std": std})
+                      hflip=bool(cfg.get("hflip", False)), crop_padding=int(cfg.get("crop_padding", 4)),
+                      erase_prob=float(cfg.get("erase_prob", 0.0)),
+                      erase_scale=tuple(float(v) for v in cfg.get("erase_scale", (0.02, 0.33))),
+                      erase_ratio=tuple(float(v) for v in cfg.get("erase_ratio", (0.3, 3.3))),
+                      erase_value=float(cfg.get("erase_value", 0.0)))
+    eval_prep = replace(prep, augment=False)
 
     train_order = EpochOrder(n_train, batch_size, True, seed, rank, world, drop_last=bool(cfg.get("drop_last", True)))
-    test_order = EpochOrder(n_test, eval_batch_size, False, seed, rank, world)
+    # Validation is sharded like the test set: each rank scores its share, every image once.
+    eval_order = partial(EpochOrder, batch_size=eval_batch_size, shuffle=False, seed=seed, rank=rank, world=world)
+    val = None
     if pipeline == "memory":
         train = DeviceBatches(tr_x, tr_y, prep, train_order, True, device)
-        test = DeviceBatches(te_x, te_y, eval_prep, test_order, False, device)
+        test = DeviceBatches(te_x, te_y, eval_prep, eval_order(n_test), False, device)
+        if val_idx is not None:
+            val = DeviceBatches(pool_x[val_idx], pool_y[val_idx], eval_prep, eval_order(n_val), False, device)
     else:
         if tv_train is None:  # synthetic through the loader path: a tensor dataset
-            tv_train, tv_test = _TensorImages(tr_x, tr_y), _TensorImages(te_x, te_y)
+            tv_train, tv_test = _TensorImages(pool_x, pool_y), _TensorImages(te_x, te_y)
+        tv_val = copy.copy(tv_train)  # the same images, with evaluation's transform
         tv_train.transform = sample_transform(prep, True, native)
-        tv_test.transform = sample_transform(eval_prep, False, native)
-        train = LoaderBatches(Subset(tv_train, range(n_train)), train_order, device, workers)
-        test = LoaderBatches(Subset(tv_test, range(n_test)), test_order, device, workers)
-    return Data(train, test, prep, ncls, class_names, n_train, n_test, pipeline)
+        tv_val.transform = tv_test.transform = sample_transform(eval_prep, False, native)
+        train = LoaderBatches(Subset(tv_train, train_idx.tolist()), train_order, device, workers)
+        test = LoaderBatches(Subset(tv_test, range(n_test)), eval_order(n_test), device, workers)
+        if val_idx is not None:
+            val = LoaderBatches(Subset(tv_val, val_idx.tolist()), eval_order(n_val), device, workers)
+    return Data(train, test, prep, ncls, class_names, n_train, n_test, pipeline, val, n_val)
 
 
 class _TensorImages(torch.utils.data.Dataset):

@@ -27,6 +27,7 @@ class DatasetInfo:
     archives: tuple[str, ...]  # the official downloads, relative to root
     channels: int
     num_classes: int
+    train_images: int  # lets data.val_size be checked before anything is read
 
 
 # MNIST-family facts mirror torchvision's `resources`; CIFAR's its tarball layout.
@@ -34,11 +35,12 @@ _MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
                 "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 DATASETS: dict[str, DatasetInfo] = {
     "fashion_mnist": DatasetInfo("FashionMNIST/raw", _MNIST_FILES,
-                                 tuple(f"FashionMNIST/raw/{f}.gz" for f in _MNIST_FILES), 1, 10),
-    "mnist": DatasetInfo("MNIST/raw", _MNIST_FILES, tuple(f"MNIST/raw/{f}.gz" for f in _MNIST_FILES), 1, 10),
+                                 tuple(f"FashionMNIST/raw/{f}.gz" for f in _MNIST_FILES), 1, 10, 60_000),
+    "mnist": DatasetInfo("MNIST/raw", _MNIST_FILES, tuple(f"MNIST/raw/{f}.gz" for f in _MNIST_FILES), 1, 10, 60_000),
     "cifar10": DatasetInfo("cifar-10-batches-py", ("data_batch_1", "test_batch", "batches.meta"),
-                           ("cifar-10-python.tar.gz",), 3, 10),
-    "cifar100": DatasetInfo("cifar-100-python", ("train", "test", "meta"), ("cifar-100-python.tar.gz",), 3, 100),
+                           ("cifar-10-python.tar.gz",), 3, 10, 50_000),
+    "cifar100": DatasetInfo("cifar-100-python", ("train", "test", "meta"), ("cifar-100-python.tar.gz",), 3, 100,
+                            50_000),
 }
 
 

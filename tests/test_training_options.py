@@ -130,3 +130,11 @@ def test_a_validation_split_selects_the_best_checkpoint(tmp_path):
     assert results["final_test_acc"] == rows[-1]["test_acc"]
     assert load_checkpoint(run / "checkpoints" / "best.pt")["epoch"] == best["epoch"]
     assert load_checkpoint(run / "checkpoints" / "last.pt")["ema"] is not None
+
+
+def test_seeds_preset_sweeps_three_seeds_on_one_validation_split():
+    from resnet_cli.cli import compose
+
+    cfg = compose("train", ["experiment=seeds"], with_hydra=True)
+    assert cfg.hydra.sweeper.params.seed == "0,1,2"
+    assert cfg.data.val_size == 5000 and cfg.model.name == "resnet18"  # the default recipe, validated

@@ -35,11 +35,7 @@ def part_names(num_stages: int) -> list[str]:
 def check(model_cfg: Mapping[str, Any], scheduler_cfg: Mapping[str, Any], resuming: bool) -> None:
     """The fine-tuning keys, before anything is loaded (the weights' shapes are checked
     once the model is built)."""
-    allowed = part_names(len(model_cfg["layers"]))
-    for name in model_cfg.get("freeze") or []:
-        if name not in allowed:
-            raise ModelConfigError(f"model.freeze=[{', '.join(model_cfg['freeze'])}]: unknown part {name}; "
-                                   f"choose from {', '.join(allowed)}")
+    check_freeze(list(model_cfg.get("freeze") or []), len(model_cfg["layers"]))
     scale = model_cfg.get("backbone_lr_scale")
     if scale is not None:
         if not scale > 0:
@@ -52,6 +48,14 @@ def check(model_cfg: Mapping[str, Any], scheduler_cfg: Mapping[str, Any], resumi
     path = model_cfg.get("init_from")
     if path and not resuming and not Path(path).expanduser().is_file():
         raise ModelConfigError(f"model.init_from={path}: no such file")
+
+
+def check_freeze(names: list[str], num_stages: int) -> None:
+    allowed = part_names(num_stages)
+    for name in names:
+        if name not in allowed:
+            raise ModelConfigError(f"model.freeze=[{', '.join(names)}]: unknown part {name}; "
+                                   f"choose from {', '.join(allowed)}")
 
 
 # ---------------------------------------------------------------- reading weights
@@ -160,6 +164,7 @@ def parts(model: nn.Module) -> dict[str, list[str]]:
 
 
 def freeze(model: nn.Module, names: list[str]) -> None:
+    check_freeze(names, len(model.stage_names))
     tops = {t for name in names for t in parts(model)[name]}
     for full, module in list(model.named_modules()):
         if full.split(".")[0] not in tops:

@@ -142,6 +142,8 @@ def test_frozen_parts_do_not_change_in_training(tv_file):
     assert not torch.equal(after["layer2.0.bn1.running_mean"], before["layer2.0.bn1.running_mean"])
     # same keys as a plain model: a fine-tuned checkpoint loads into resnet-eval's model strictly
     build_model("resnet18", in_channels=1, num_classes=10).load_state_dict(after)
+    with pytest.raises(ModelConfigError, match="unknown part layer5; choose from stem, layer1, layer2, layer3, layer4, fc"):
+        freeze(model, ["layer5"])
 
 
 def test_backbone_lr_scale_holds_through_the_schedule():

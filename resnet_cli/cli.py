@@ -269,6 +269,11 @@ def run_hydra_app(config_name: str, task: Callable[[DictConfig, Any], Any]) -> N
 
     try:
         hydra.main(version_base="1.3", config_path=str(config_dir()), config_name=config_name)(_job)()
+    except BrokenPipeError:
+        # The reader went away (`resnet-train --help | head`): not worth a traceback. Point
+        # stdout at /dev/null so that the interpreter's own final flush does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
     finally:
         distributed.shutdown()
     if sweep_dir is not None:

@@ -471,7 +471,7 @@ def _loop(tr: Trainer, clock: Clock, stop: StopSignals, precision: str, steps_pe
         if dinfo.is_main:
             log.info(epoch_line(row, cfg["epochs"]))
             trackers.log_epoch(row)
-        if stop.signum is not None and tr.epoch < cfg["epochs"]:  # last.pt of this epoch is saved
+        if should_stop() and tr.epoch < cfg["epochs"]:  # last.pt of this epoch is saved
             _exit_resumable(tr, clock, model_name, stop.exit_code)
 
 

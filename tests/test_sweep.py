@@ -323,8 +323,8 @@ def test_depth_lr_sweep_preset():
     jobs = _expand(params, ["experiment=depth_lr_sweep", "data=synthetic"])
     assert len(jobs) == 9 and ["model=resnet50", "lr=0.1", "experiment=depth_lr_sweep", "data=synthetic"] in jobs
     for job in jobs[::4]:
-        cfg = validate("train", job, multirun=True)
-        assert cfg.model.name == job[0].split("=")[1] and cfg.lr == float(job[1].split("=")[1])
+        cfg = validate("train", [*job, "data.val_size=64"], multirun=True)  # 5000 of 512 synthetic won't do
+        assert cfg.data.val_size == 64 and cfg.model.name == job[0].split("=")[1] and cfg.lr == float(job[1].split("=")[1])
     # a command-line sweep of the same key replaces the preset's list
     assert len(_expand(params, ["experiment=depth_lr_sweep", "lr=0.2"])) == 3
 
@@ -336,6 +336,8 @@ def test_degradation_preset():
     assert cfg.hydra.sweeper.params.model == "plain20,plain56,resnet20,resnet56"
     assert cfg.hydra.callbacks.sweep_summary.training_error is True
     jobs = _expand(OmegaConf.to_container(cfg.hydra.sweeper.params), ["experiment=degradation", "data=synthetic"])
+    assert cfg.data.val_size == 5000  # sweeps choose on held-out training images, not on the test set
+    jobs = [[*job, "data.val_size=64"] for job in jobs]  # 5000 of 512 synthetic images won't do
     assert [validate("train", job, multirun=True).model.residual for job in jobs] == [False, False, True, True]
 
 
@@ -352,6 +354,7 @@ def test_lr_optuna_composes():
     assert sw._target_.endswith("OptunaSweeper") and sw.direction == "maximize" and sw.n_trials >= 8
     assert sw.params.lr.replace(" ", "").startswith("tag(log,interval(")
     assert sw.max_failure_rate == 1.0
+    assert cfg.data.val_size == 5000  # trials are compared on held-out training images
 
 
 def test_slurm_gpu_launcher_composes():
@@ -409,11 +412,12 @@ def test_joblib_launcher_runs_a_sweep(tmp_path: Path):
 def test_optuna_lr_search_runs(tmp_path: Path):
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
     proc = run_cli("resnet-train", "-m", "hparams_search=lr_optuna", "hydra.sweeper.n_trials=2", *SMALL,
-                   "model=resnet20", cwd=tmp_path, timeout=300)
+                   "model=resnet20", "data.val_size=16", cwd=tmp_path, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     sweep_dir = _only_sweep_dir(tmp_path)
     result = OmegaConf.load(sweep_dir / "optimization_results.yaml")
     rows = _csv(sweep_dir / "summary.csv")
     assert len(rows) == 2 and all(r["status"] == "ok" for r in rows)
-    assert result.best_value == max(float(r["best_test_acc"]) for r in rows)  # the task returned best_test_acc
+    # with a validation split the trials are compared on it, never on the test set
+    assert result.best_value == max(float(r["best_val_acc"]) for r in rows)
     assert 0.001 <= result.best_params.lr <= 1.0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -45,7 +45,11 @@ def resolve_device(spec: str, local_rank: int | None = None) -> torch.device:
 
 
 def cpu_has_native_bf16() -> bool:
-    """AVX512-BF16 or AMX: the CPUs where bf16 autocast is faster, not slower, than fp32."""
+    """AVX512-BF16 or AMX: the CPUs where bf16 autocast is faster, not slower, than fp32.
+    The CPU flags alone are not enough: torch may be told to use narrower kernels
+    (ATEN_CPU_CAPABILITY=avx2), and then bf16 is emulated even on such a CPU."""
+    if not torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
+        return False
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -254,6 +258,21 @@ def _check_pending(pending: list, epoch: int, device: torch.device) -> None:
     if first < len(pending):
         raise NonFiniteLoss(epoch, pending[first][0], float(values[first]))
     pending.clear()
+
+
+_SUMS = ("loss_sum", "correct", "seen", "counted", "skipped")
+
+
+def global_running(run: Running, device: torch.device) -> Running:
+    """The epoch's sums over all ranks (a collective: every rank calls it). Checkpoints hold
+    these, since only rank 0 writes; a resume gives them to rank 0 and zeros to the others
+    (`rank_share`), so the epoch's totals come out as in an uninterrupted run."""
+    totals = _reduce([float(getattr(run, k)) for k in _SUMS], device)
+    return replace(run, **{k: type(getattr(run, k))(v) for k, v in zip(_SUMS, totals)})
+
+
+def rank_share(run: Running, is_main: bool) -> Running:
+    return run if is_main else replace(run, **{k: type(getattr(run, k))(0) for k in _SUMS})
 
 
 def global_epoch_stats(run: Running, device: torch.device) -> dict:

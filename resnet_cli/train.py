@@ -31,8 +31,8 @@ from .config import ConfigError, check_values
 from .data import Data, load_data
 from .data.prefetch import prefetched
 from .distributed import DistInfo
-from .engine import (NonFiniteLoss, Running, StepContext, evaluate, global_epoch_stats, resolve_device, resolve_precision,
-                     train_one_epoch)
+from .engine import (NonFiniteLoss, Running, StepContext, evaluate, global_epoch_stats, global_running, rank_share,
+                     resolve_device, resolve_precision, train_one_epoch)
 from .models import build_model, stage_sizes
 from .models.resnet import ModelSpec
 from .reporting import MetricsFile, epoch_line, epoch_progress, plot_curves, progress_mode
@@ -272,7 +272,7 @@ class Trainer:
         """Wall seconds of the whole run so far, across resumes."""
         return self.elapsed_before + self.clock.now()
 
-    def state(self) -> dict[str, Any]:
+    def state(self, running: Running | None = None) -> dict[str, Any]:
         sched = self.ctx.scheduler
         return {
             "model": self.core.state_dict(),
@@ -280,7 +280,7 @@ class Trainer:
             "lr_scheduler": sched.state_dict() if sched is not None else None,
             "scaler": self.ctx.scaler.state_dict() if self.ctx.scaler is not None else None,
             "epoch": self.epoch, "step": self.step,
-            "running": self.running.as_dict() if self.running else None,
+            "running": running.as_dict() if running else None,
             "best_acc": self.best_acc, "best_epoch": self.best_epoch,
             "ema": self.ctx.ema.state_dict() if self.ctx.ema is not None else None,
             "elapsed_s": self.elapsed(),
@@ -294,9 +294,12 @@ class Trainer:
 
     def save(self, *names: str) -> None:
         """Snapshot now, write in the background (one serialization for several names)."""
+        running = self.running
+        if running is not None and self.dist.enabled:  # mid-epoch: every rank's sums, not rank 0's
+            running = global_running(running, self.ctx.device)
         if not self.dist.is_main:
             return
-        state = self.state()
+        state = self.state(running)
         # Never replace a good checkpoint with diverged weights (the loss shows a blow-up
         # one step after the update that caused it).
         floats = {k: v for k, v in state["model"].items() if v.is_floating_point()}
@@ -569,7 +572,7 @@ def _restore(tr: Trainer, ckpt: dict[str, Any], metrics: MetricsFile | None, ste
     if tr.ctx.scaler is not None and ckpt.get("scaler"):
         tr.ctx.scaler.load_state_dict(ckpt["scaler"])
     tr.epoch, tr.step = int(ckpt["epoch"]), int(ckpt.get("step", 0))
-    tr.running = Running(**ckpt["running"]) if ckpt.get("running") else None
+    tr.running = rank_share(Running(**ckpt["running"]), tr.dist.is_main) if ckpt.get("running") else None
     tr.best_acc, tr.best_epoch = float(ckpt["best_acc"]), int(ckpt["best_epoch"])
     tr.elapsed_before = float(ckpt.get("elapsed_s", 0.0)) - tr.clock.now()
     if tr.ctx.ema is not None and ckpt.get("ema") is not None:

@@ -294,3 +294,12 @@ def test_auto_precision_policy():
 
     assert resolve_precision("auto", CPU) == ("bf16" if cpu_has_native_bf16() else "fp32")
     assert resolve_precision("fp16", CPU) == "fp16" and resolve_precision("fp32", CPU) == "fp32"
+
+
+def test_bf16_counts_as_native_only_with_avx512_kernels(monkeypatch):
+    """A CPU with AMX but torch told to use AVX2 kernels (ATEN_CPU_CAPABILITY=avx2) emulates
+    bf16: precision=auto must then take fp32."""
+    from resnet_cli import engine
+
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    assert not engine.cpu_has_native_bf16() and engine.resolve_precision("auto", CPU) == "fp32"

@@ -73,14 +73,23 @@ def test_interrupted_ddp_run_resumes_to_the_uninterrupted_result(ddp_run, tmp_pa
     proc = subprocess.Popen([str(exe), "--standalone", "--nproc_per_node=2", "-m", "resnet_cli.train", *TINY,
                              "epochs=3", "trainer.checkpoint_every_steps=2"], cwd=tmp_path,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None and not list(tmp_path.glob("outputs/*/*/metrics.jsonl")):
-        time.sleep(0.02)
+    # Signal inside epoch 2, after one of its step checkpoints: a mid-epoch stop is the case
+    # where each rank's partial sums (train loss and accuracy) must survive the resume.
+    deadline, seen = time.time() + 300, set()
+    while time.time() < deadline and proc.poll() is None and len(seen) < 2:
+        if list(tmp_path.glob("outputs/*/*/metrics.jsonl")):
+            for p in tmp_path.glob("outputs/*/*/checkpoints/last.pt"):
+                try:
+                    seen.add((p.stat().st_ino, p.stat().st_mtime_ns))
+                except FileNotFoundError:  # replaced between glob and stat
+                    pass
+        time.sleep(0.01)
     os.killpg(proc.pid, signal.SIGTERM)  # the agent and both workers, as a terminal or a scheduler would
     out, err = proc.communicate(timeout=300)
     (run,) = [p for p in tmp_path.glob("outputs/*/*") if p.is_dir()]
     assert proc.returncode != 0, "the run ended before the signal landed"
     assert (run / "checkpoints" / "last.pt").is_file() and len(rows(run)) < 3, err
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["step"] > 0, "the signal did not land mid-epoch"
 
     torchrun(f"resume={run}", cwd=tmp_path)
     key = lambda r: {k: v for k, v in r.items() if not k.endswith("_s")}  # noqa: E731 (timings differ)

@@ -5,6 +5,7 @@ and run folders that failed runs leave behind."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -88,7 +89,9 @@ def _torchrun(script: Path, *args: str, timeout: float = 150) -> list[dict]:
     proc = subprocess.run([str(exe), "--standalone", "--nproc_per_node=2", str(script), *args],
                           capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    results = [json.loads(line.split("RESULT ", 1)[1]) for line in proc.stdout.splitlines() if "RESULT " in line]
+    # The two workers share one pipe, so their lines can interleave: find each JSON object.
+    results = [json.loads(m) for m in re.findall(r"RESULT (\{[^{}]*\})", proc.stdout)]
+    assert len(results) == 2, proc.stdout
     return sorted(results, key=lambda r: r["rank"])
 
 

@@ -10,6 +10,12 @@ from pathlib import Path
 
 import pytest
 
+# Under pytest -n (xdist) each worker, and every command it starts, gets one thread: N workers
+# with torch's default of one thread per core each would oversubscribe the cores, and
+# OpenMP's spinning threads then slow everything down many times over.
+if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
@@ -33,6 +39,28 @@ def run_cli(name: str, *args: str, cwd: Path | None = None, env: dict | None = N
     if check and proc.returncode != 0:
         raise AssertionError(f"{name} {' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+def call_main(main, name: str, argv: list[str], monkeypatch, capsys) -> tuple[int, str, str]:
+    """A command's main() in this process (cheaper than a subprocess for the many bad-input cases)."""
+    monkeypatch.setattr(sys, "argv", [name, *argv])
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    try:
+        main()
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_error_line(code: int, err: str, *needles: str) -> None:
+    assert code == 2, err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    for n in needles:
+        assert n in lines[0], lines[0]
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli
+from conftest import assert_one_error_line, call_main, run_cli
 
 from resnet_cli.config import ConfigError
 from resnet_cli.data.transforms import Preprocess
@@ -26,28 +26,6 @@ def tiny_run(tmp_path_factory) -> Path:
                 "data.train_size=256", "data.test_size=128", "batch_size=64", f"hydra.run.dir={run_dir}",
                 cwd=run_dir.parent, check=True, timeout=300)
     return run_dir
-
-
-def call_main(main, name: str, argv: list[str], monkeypatch, capsys) -> tuple[int, str, str]:
-    """A command's main() in this process (cheaper than a subprocess for the many bad-input cases)."""
-    monkeypatch.setattr(sys, "argv", [name, *argv])
-    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
-    try:
-        main()
-        code = 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_one_error_line(code: int, err: str, *needles: str) -> None:
-    assert code == 2, err
-    assert "Traceback" not in err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    for n in needles:
-        assert n in lines[0], lines[0]
 
 
 @pytest.fixture(scope="session")

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli
-from test_evaluate import assert_one_error_line, call_main, tiny_run
+from conftest import assert_one_error_line, call_main, run_cli
+from test_evaluate import tiny_run
 
 
 @pytest.fixture(scope="session")

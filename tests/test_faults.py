@@ -16,6 +16,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from resnet_cli.cli import compose
+from resnet_cli.distributed import DistInfo
 from resnet_cli.engine import Running, StepContext
 from resnet_cli.train import Trainer, _restore, build_optimizer, build_scheduler, rng_state
 
@@ -66,7 +67,7 @@ def test_extending_a_run_follows_a_fresh_schedule_of_the_new_length(name, resume
 
     cfg8, model8, opt8, sched8, base8 = _setup(SCHEDULES[name], 8)
     ctx = StepContext(opt8, sched8, nn.CrossEntropyLoss(), torch.device("cpu"), "fp32")
-    tr = Trainer(model8, model8, ctx, None, cfg8, Path("."), None)
+    tr = Trainer(model8, model8, ctx, None, cfg8, Path("."), DistInfo())
     _restore(tr, ckpt, None, STEPS_PER_EPOCH, base8)
     got = _lrs(opt8, tr.ctx.scheduler, 8 * STEPS_PER_EPOCH - resumed_after)
     flat = lambda rows: [lr for row in rows for lr in row]  # noqa: E731

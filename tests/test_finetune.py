@@ -15,8 +15,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
-from conftest import run_cli
-from test_evaluate import assert_one_error_line
+from conftest import assert_one_error_line, run_cli
 
 from resnet_cli import build_model
 from resnet_cli.checkpoint import load_checkpoint, save_checkpoint

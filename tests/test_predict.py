@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import run_cli
 from PIL import Image
-from test_evaluate import assert_one_error_line, call_main, tiny_run
+from conftest import assert_one_error_line, call_main, run_cli
+from test_evaluate import tiny_run
 
 
 @pytest.fixture(scope="session")

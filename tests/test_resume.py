@@ -15,12 +15,13 @@ import torch
 from resnet_cli import checkpoint as ckpt_mod
 from resnet_cli.checkpoint import CheckpointError, OutputError, load_checkpoint, save_checkpoint
 
-from conftest import command, run_cli
+from conftest import call_main, command, run_cli
 
 # 32 steps per epoch: long enough for a signal to land mid-epoch. With augmentation, so that
 # exact resume also covers the per-step reseeding of crops and flips (issue 11).
 TINY = ["data=synthetic", "data.train_size=512", "data.test_size=64", "batch_size=16", "model=resnet20",
-        "trainer.progress=plain", "epochs=3", "trainer.eval_batch_size=64", "data.augment=standard"]
+        "model.layers=[1,1,1]", "trainer.progress=plain", "epochs=3", "trainer.eval_batch_size=64",
+        "data.augment=standard"]
 # The DataLoader path, with persistent worker processes.
 LOADER = ["data.pipeline=loader", "data.num_workers=2"]
 TIMING = {"epoch_time_s", "train_images_per_s", "eval_time_s", "elapsed_s"}
@@ -253,15 +254,30 @@ BAD_COMMAND_LINES = [
 ]
 
 
+def _assert_refused(code: int, out: str, err: str, needle: str, cwd: Path) -> None:
+    assert code == 2, (out, err)
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert needle in err, err
+    assert "Traceback" not in err + out
+    assert not (cwd / "outputs").exists() and not (cwd / "multirun").exists()
+
+
 @pytest.mark.parametrize("args,needle", BAD_COMMAND_LINES, ids=[" ".join(a) for a, _ in BAD_COMMAND_LINES])
-def test_bad_command_lines_fail_in_one_line(tmp_path, args, needle):
+def test_bad_command_lines_fail_in_one_line(tmp_path, monkeypatch, capfd, args, needle):
+    """resnet-train's main() in this process: the same code as the console script, without
+    paying a Python and torch start-up per case (the cases below run the script itself)."""
+    from resnet_cli.train import main
+
     prefix = [] if any(a.startswith("data=") for a in args) else ["data=synthetic"]
-    proc = run_cli("resnet-train", *prefix, *args, cwd=tmp_path, timeout=120)
-    assert proc.returncode == 2, (proc.stdout, proc.stderr)
-    assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1, proc.stderr
-    assert needle in proc.stderr, proc.stderr
-    assert "Traceback" not in proc.stderr + proc.stdout
-    assert not (tmp_path / "outputs").exists() and not (tmp_path / "multirun").exists()
+    monkeypatch.chdir(tmp_path)
+    code, out, err = call_main(main, "resnet-train", [*prefix, *args], monkeypatch, capfd)
+    _assert_refused(code, out, err, needle, tmp_path)
+
+
+@pytest.mark.parametrize("args,needle", [BAD_COMMAND_LINES[6], BAD_COMMAND_LINES[-1]], ids=["lrr", "multirun"])
+def test_bad_command_lines_fail_in_one_line_from_the_installed_script(tmp_path, args, needle):
+    proc = run_cli("resnet-train", "data=synthetic", *args, cwd=tmp_path, timeout=120)
+    _assert_refused(proc.returncode, proc.stdout, proc.stderr, needle, tmp_path)
 
 
 def test_full_error_shows_the_traceback_when_asked(tmp_path):

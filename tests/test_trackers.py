@@ -16,8 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import command, run_cli
-from test_evaluate import assert_one_error_line, call_main
+from conftest import assert_one_error_line, call_main, command, run_cli
 
 from resnet_cli.config import ConfigError
 from resnet_cli.trackers import check, file_store_allowed
@@ -26,7 +25,7 @@ pytest.importorskip("tensorboard")
 pytest.importorskip("mlflow")
 
 SPE, EVERY = 4, 2  # steps per epoch (256 images / 64), TensorBoard's log_every_n_steps
-TINY = ["data=synthetic", "model=resnet20", "data.train_size=256", "data.test_size=64", "batch_size=64",
+TINY = ["data=synthetic", "model=resnet20", "model.layers=[1,1,1]", "data.train_size=256", "data.test_size=64", "batch_size=64",
         "trainer.progress=plain", "trainer.eval_batch_size=64"]
 BOTH = ["logger=[tensorboard,mlflow]", f"logger.tensorboard.log_every_n_steps={EVERY}"]
 

@@ -30,6 +30,8 @@ Evaluate a checkpoint on the test split of the dataset it was trained on.
   device=auto           auto | cpu | cuda | cuda:N | mps
   precision=null        null: the training run's policy; fp32 | bf16 | fp16
   batch_size=null       null: the training run's trainer.eval_batch_size
+  tta_hflip=null        null: the training run's trainer.tta_hflip; true: average with mirrored images
+  weights=raw           raw | ema: the EMA of the weights (runs with trainer.ema_decay)
   output_dir=null       null: the checkpoint's run folder
   trackers=true         also log to the training run's TensorBoard/MLflow run (logger=...), if it had any
 
@@ -51,6 +53,8 @@ class EvalConfig:
     device: str = "auto"
     precision: Optional[str] = None
     batch_size: Optional[int] = None
+    tta_hflip: Optional[bool] = None  # null: what the training run's evaluation did
+    weights: str = "raw"  # raw | ema
     output_dir: Optional[str] = None
     trackers: bool = True  # also log to the TensorBoard/MLflow run of the checkpoint's training run
 
@@ -82,7 +86,8 @@ def eval_data_config(stored: Mapping[str, Any], composed: Mapping[str, Any], giv
     # Only the test split is scored; the training images mattered only through their mean/std,
     # which the checkpoint holds. Limiting them keeps memory (and device memory) small.
     # Synthetic data draws both splits at once and slices afterwards, so its test images stay put.
-    cfg["limit_train"] = 1
+    # (The validation split is held out of the training images: nothing to do with the test split.)
+    cfg["limit_train"], cfg["val_size"] = 1, None
     for key in ("limit_test",):
         if cfg.get(key) is not None and int(cfg[key]) < 1:
             raise ConfigError(f"data.{key}={cfg[key]}: must be >= 1 (or null for all)")
@@ -125,8 +130,17 @@ def confusion_matrix(preds: torch.Tensor, targets: torch.Tensor, num_classes: in
     return torch.bincount(idx, minlength=num_classes * num_classes).view(num_classes, num_classes)
 
 
+def ema_weights(ckpt: Mapping[str, Any], path: Path) -> dict[str, Any]:
+    """The checkpoint with its EMA weights as the model (AveragedModel keeps them under module.)."""
+    ema = ckpt.get("ema")
+    if not ema:
+        raise ConfigError(f"weights=ema: checkpoint {path} holds no EMA weights (train with trainer.ema_decay=0.999)")
+    return {**ckpt, "model": {k[len("module."):]: v for k, v in ema.items() if k.startswith("module.")}}
+
+
 def evaluate_checkpoint(ckpt: Mapping[str, Any], path: Path, data_cfg: Mapping[str, Any], device: torch.device,
-                        precision: str, batch_size: int | None = None) -> dict[str, Any]:
+                        precision: str, batch_size: int | None = None, tta_hflip: bool | None = None
+                        ) -> dict[str, Any]:
     """Score the checkpoint on data_cfg's test split. Returns the eval.json dict."""
     from .data import DataError, load_data
     from .engine import evaluate
@@ -145,7 +159,10 @@ def evaluate_checkpoint(ckpt: Mapping[str, Any], path: Path, data_cfg: Mapping[s
     if data.num_classes != loaded.num_classes:
         raise DataError(f"data={data_cfg['name']}: {data.num_classes} classes, but the model has "
                         f"{loaded.num_classes} outputs")
-    ev = evaluate(loaded.model, data.test.batches(), device, precision, channels_last, topk=(1, 5), collect=True)
+    if tta_hflip is None:  # as the training run scored it, so best.pt scores its best_test_acc
+        tta_hflip = bool(cfg.get("trainer", {}).get("tta_hflip", False))
+    ev = evaluate(loaded.model, data.test.batches(), device, precision, channels_last, topk=(1, 5), collect=True,
+                  tta_hflip=tta_hflip)
     n = loaded.num_classes
     conf = confusion_matrix(ev["preds"], ev["targets"], n)
     support, correct = conf.sum(1), conf.diag()
@@ -160,7 +177,7 @@ def evaluate_checkpoint(ckpt: Mapping[str, Any], path: Path, data_cfg: Mapping[s
         "dataset": data_cfg["name"], "split": "test", "images": ev["images"],
         "top1": ev["top1"], "top5": ev["top5"], "loss": ev["loss"],
         "topk_note": None if n >= 5 else f"{n} classes: top5 is top-{n}",
-        "device": str(device), "precision": precision, "batch_size": eval_bs,
+        "device": str(device), "precision": precision, "batch_size": eval_bs, "tta_hflip": tta_hflip,
         "class_names": loaded.class_names, "per_class": per_class,
         "confusion": conf.tolist(),  # rows: true class, columns: predicted class
         # the data config used (limit_train left out: only the test split was read)
@@ -222,8 +239,11 @@ def show(result: Mapping[str, Any], stream=None) -> None:
     stream = stream or sys.stdout
     con = console(stream)
     tty = stream.isatty()
+    extras = [x for x, on in (("EMA weights", result.get("weights") == "ema"), ("hflip TTA", result.get("tta_hflip")))
+              if on]
     con.print(f"{result['model']} ({Path(result['checkpoint']).name}, epoch {result['epoch']}) on "
-              f"{result['dataset']} test: {result['images']:,} images, {result['device']}, {result['precision']}")
+              f"{result['dataset']} test: {result['images']:,} images, "
+              + ", ".join([result["device"], result["precision"], *extras]))
     con.print(f"top-1 {result['top1']:.4f}  top-5 {result['top5']:.4f}  loss {result['loss']:.4f}")
     con.print("")
 
@@ -271,6 +291,10 @@ def run(argv: list[str]) -> dict[str, Any]:
     path = resolve_checkpoint(require(cfg, "checkpoint", "checkpoint=outputs/DATE/TIME/checkpoints/best.pt"))
     device = as_device(cfg["device"])
     ckpt = load_checkpoint(path, map_location="cpu")
+    if cfg["weights"] not in ("raw", "ema"):
+        raise ConfigError(f"weights={cfg['weights']}: choose from raw, ema")
+    if cfg["weights"] == "ema":
+        ckpt = ema_weights(ckpt, path)
     run_dir = run_dir_of(path)
     data_cfg = eval_data_config(ckpt["config"]["data"], cfg["data"], args.given, eval_preprocess(ckpt, path),
                                 training_cwd(run_dir))
@@ -279,7 +303,8 @@ def run(argv: list[str]) -> dict[str, Any]:
     precision = as_precision(cfg["precision"], ckpt["config"], device)
     out_dir = Path(cfg["output_dir"]).expanduser() if cfg["output_dir"] else run_dir
     check_output_folder("output_dir", cfg["output_dir"] or out_dir, out_dir)
-    result = evaluate_checkpoint(ckpt, path, data_cfg, device, precision, cfg["batch_size"])
+    result = evaluate_checkpoint(ckpt, path, data_cfg, device, precision, cfg["batch_size"], cfg["tta_hflip"])
+    result["weights"] = cfg["weights"]
     for w in result["warnings"]:
         print(f"warning: {w}", file=sys.stderr)
     show(result)

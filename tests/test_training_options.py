@@ -108,19 +108,27 @@ def test_cpu_eta_hint_names_the_eta_and_the_cpu_recipe_once(caplog, epochs, expe
     assert tr.eta_hint_given
 
 
-def test_a_validation_split_selects_the_best_checkpoint(tmp_path):
+@pytest.fixture(scope="module")
+def val_run(tmp_path_factory):
+    """3 epochs with a validation split, the EMA of the weights and flip TTA."""
+    from conftest import run_cli
+
+    cwd = tmp_path_factory.mktemp("val_run")
+    run = cwd / "run"
+    run_cli("resnet-train", "data=synthetic", "data.train_size=256", "data.test_size=64", "data.val_size=64",
+            "model=resnet20", "model.layers=[1,1,1]", "batch_size=32", "epochs=3", "trainer.progress=none",
+            "trainer.ema_decay=0.9", "trainer.tta_hflip=true", f"hydra.run.dir={run}", cwd=cwd, check=True)
+    return run
+
+
+def test_a_validation_split_selects_the_best_checkpoint(val_run):
     """With data.val_size, best.pt is the epoch with the best validation accuracy and the test
     split is only scored (issue 13: selecting on the test set makes its score optimistic)."""
     import json
 
     from resnet_cli.checkpoint import load_checkpoint
 
-    from conftest import run_cli
-
-    run = tmp_path / "run"
-    run_cli("resnet-train", "data=synthetic", "data.train_size=256", "data.test_size=64", "data.val_size=64",
-            "model=resnet20", "model.layers=[1,1,1]", "batch_size=32", "epochs=3", "trainer.progress=none",
-            "trainer.ema_decay=0.9", f"hydra.run.dir={run}", cwd=tmp_path, check=True)
+    run = val_run
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     results = json.loads((run / "results.json").read_text())
     assert all({"val_acc", "val_loss", "test_acc", "ema_val_acc", "ema_test_acc", "elapsed_s"} <= set(r) for r in rows)
@@ -130,6 +138,38 @@ def test_a_validation_split_selects_the_best_checkpoint(tmp_path):
     assert results["final_test_acc"] == rows[-1]["test_acc"]
     assert load_checkpoint(run / "checkpoints" / "best.pt")["epoch"] == best["epoch"]
     assert load_checkpoint(run / "checkpoints" / "last.pt")["ema"] is not None
+
+
+def test_resnet_eval_scores_what_training_scored_with_tta_and_ema(val_run, tmp_path, monkeypatch, capsys):
+    """resnet-eval takes the run's TTA setting by default and weights=ema scores the EMA: each
+    equals the number training logged for the last epoch."""
+    import json
+
+    from conftest import assert_one_error_line, call_main
+
+    from resnet_cli.checkpoint import load_checkpoint, save_checkpoint
+    from resnet_cli.evaluate import main
+
+    last = json.loads((val_run / "metrics.jsonl").read_text().splitlines()[-1])
+    ckpt = val_run / "checkpoints" / "last.pt"
+    scores = {}
+    for extra in ([], ["weights=ema"], ["tta_hflip=false"]):
+        code, out, err = call_main(main, "resnet-eval", [f"checkpoint={ckpt}", f"output_dir={tmp_path}",
+                                                         "trackers=false", *extra], monkeypatch, capsys)
+        assert code == 0, err
+        scores[" ".join(extra)] = {**json.loads((tmp_path / "eval.json").read_text()), "shown": out}
+    assert scores[""]["top1"] == last["test_acc"] and scores[""]["tta_hflip"] is True
+    assert "hflip TTA" in scores[""]["shown"] and "EMA weights" in scores["weights=ema"]["shown"]
+    assert scores["weights=ema"]["top1"] == last["ema_test_acc"] and scores["weights=ema"]["weights"] == "ema"
+    assert scores["tta_hflip=false"]["loss"] != pytest.approx(scores[""]["loss"])  # TTA really off
+    plain = load_checkpoint(ckpt)
+    plain["ema"] = None
+    save_checkpoint(tmp_path / "plain.pt", plain)
+    code, _, err = call_main(main, "resnet-eval", [f"checkpoint={tmp_path / 'plain.pt'}", "weights=ema",
+                                                   f"output_dir={tmp_path}"], monkeypatch, capsys)
+    assert_one_error_line(code, err, "weights=ema", "no EMA weights")
+    code, _, err = call_main(main, "resnet-eval", [f"checkpoint={ckpt}", "weights=best"], monkeypatch, capsys)
+    assert_one_error_line(code, err, "weights=best: choose from raw, ema")
 
 
 def test_seeds_preset_sweeps_three_seeds_on_one_validation_split():

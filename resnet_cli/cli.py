@@ -204,8 +204,12 @@ def prepare_train_argv(argv: list[str], dinfo) -> tuple[list[str], Path | None]:
 
     flags, overrides = split_argv(argv)
     multirun = "-m" in flags or "--multirun" in flags
-    if any(f.split("=")[0] in _INFO_FLAGS for f in flags) or any(f.startswith(("--config-dir", "-cd")) for f in flags):
+    if any(f.split("=")[0] in _INFO_FLAGS for f in flags):
         return argv, None
+    config_dir = _config_dir(flags)
+    # --config-dir DIR adds DIR to Hydra's search path: validate with the same search path
+    # (Hydra gets the flag itself), so its groups are checked and a sweep's exit code kept.
+    search = [f"hydra.searchpath=[{_quote('file://' + config_dir)}]"] if config_dir else []
     resume = next((o.split("=", 1)[1] for o in reversed(overrides) if o.startswith("resume=")), None)
     extra: list[str] = []
     if resume and resume.lower() not in ("null", "none", ""):
@@ -218,8 +222,8 @@ def prepare_train_argv(argv: list[str], dinfo) -> tuple[list[str], Path | None]:
             old = [o for o in OmegaConf.load(previous) if not str(o).startswith(("resume=", "hydra"))]
             overrides = [str(o) for o in old] + overrides
         extra = [f"hydra.run.dir={_quote(str(run_dir))}", "hydra.output_subdir=null"]
-    cfg = validate("train", overrides, multirun)
-    folder = check_output_folder(overrides, multirun)
+    cfg = validate("train", overrides + search, multirun)
+    folder = check_output_folder(overrides + search, multirun)
     sweep_dir = None
     if multirun:
         # Its default name holds ${now:...}: resolved once here, so Hydra writes where we read.
@@ -237,6 +241,19 @@ def prepare_train_argv(argv: list[str], dinfo) -> tuple[list[str], Path | None]:
         if not dinfo.is_main:
             extra += ["hydra.output_subdir=null", "hydra/job_logging=disabled"]
     return flags + overrides + extra, sweep_dir
+
+
+def _config_dir(flags: list[str]) -> str | None:
+    """The absolute path given with --config-dir/-cd (as `--config-dir DIR` or `--config-dir=DIR`)."""
+    for i, f in enumerate(flags):
+        name, eq, value = f.partition("=")
+        if name in ("--config-dir", "-cd"):
+            if not eq:
+                value = flags[i + 1] if i + 1 < len(flags) else ""
+            if not value or not Path(value).expanduser().is_dir():
+                raise ConfigError(f"{name} {value}: not a folder")
+            return str(Path(value).expanduser().resolve())
+    return None
 
 
 def run_hydra_app(config_name: str, task: Callable[[DictConfig, Any], Any]) -> None:

@@ -370,14 +370,19 @@ def test_slurm_gpu_launcher_composes():
 @pytest.mark.slow
 def test_multirun_with_a_failing_job(tmp_path: Path):
     """4 jobs; the two at lr=1e30 diverge at run time (NonFiniteLoss). The sweep goes on, the
-    summary has every job, and the command exits 1 naming the failures."""
-    proc = run_cli("resnet-train", "-m", *SMALL, "model=resnet20,plain20", "lr=0.1,1e30", cwd=tmp_path, timeout=300)
+    summary has every job, and the command exits 1 naming the failures. One model comes from
+    the user's own config folder (--config-dir): such a sweep is checked and reported the same."""
+    (tmp_path / "conf" / "model").mkdir(parents=True)
+    (tmp_path / "conf" / "model" / "tiny.yaml").write_text(
+        "name: tiny\nblock: basic\nlayers: [1, 1, 1]\nwidths: [8, 16, 32]\nstem: cifar\nshortcut: identity\n")
+    proc = run_cli("resnet-train", "-m", "--config-dir", "conf", *SMALL, "model=resnet20,tiny", "lr=0.1,1e30",
+                   cwd=tmp_path, timeout=300)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "2 of 4 sweep jobs failed" in proc.stderr.splitlines()[-1]
     sweep_dir = _only_sweep_dir(tmp_path)
     rows = _csv(sweep_dir / "summary.csv")
     assert [(r["job"], r["model"], r["lr"]) for r in rows] == [
-        ("0", "resnet20", "0.1"), ("1", "resnet20", "1e+30"), ("2", "plain20", "0.1"), ("3", "plain20", "1e+30")]
+        ("0", "resnet20", "0.1"), ("1", "resnet20", "1e+30"), ("2", "tiny", "0.1"), ("3", "tiny", "1e+30")]
     assert [r["status"] for r in rows] == ["ok", "failed", "ok", "failed"]
     for r in rows:
         if r["status"] == "failed":

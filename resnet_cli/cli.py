@@ -16,7 +16,7 @@ from typing import Any, Callable
 from omegaconf import DictConfig, OmegaConf
 
 # Re-exported: the commands took these from here before resnet_cli/errors.py existed.
-from .errors import EXIT_FAILURE, EXIT_USAGE, ConfigError, fail, known_error_types, user_errors
+from .errors import EXIT_FAILURE, EXIT_USAGE, ConfigError, fail, known_error_types, quiet_broken_pipe, user_errors
 
 __all__ = ["EXIT_USAGE", "check_output_folder", "compose", "fail", "hydra_error_line", "known_error_types",
            "prepare_train_argv", "run_hydra_app", "split_argv", "user_errors", "validate"]
@@ -286,11 +286,8 @@ def run_hydra_app(config_name: str, task: Callable[[DictConfig, Any], Any]) -> N
 
     try:
         hydra.main(version_base="1.3", config_path=str(config_dir()), config_name=config_name)(_job)()
-    except BrokenPipeError:
-        # The reader went away (`resnet-train --help | head`): not worth a traceback. Point
-        # stdout at /dev/null so that the interpreter's own final flush does not fail again.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        sys.exit(1)
+    except BrokenPipeError:  # `resnet-train --help | head`
+        quiet_broken_pipe()
     finally:
         distributed.shutdown()
     if sweep_dir is not None:

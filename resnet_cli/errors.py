@@ -79,7 +79,16 @@ def user_errors() -> Iterator[None]:
     HYDRA_FULL_ERROR=1 shows the traceback, as it does for Hydra's own errors."""
     try:
         yield
+    except BrokenPipeError:
+        quiet_broken_pipe()
     except KNOWN_ERRORS as e:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         fail(str(e), code=exit_code(e))
+
+
+def quiet_broken_pipe() -> NoReturn:
+    """The reader went away (`resnet-summary | head`): not worth a traceback. stdout goes to
+    /dev/null so that the interpreter's own final flush does not fail again."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    sys.exit(1)

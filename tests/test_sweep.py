@@ -397,6 +397,13 @@ def test_multirun_with_a_failing_job(tmp_path: Path):
     assert "4 jobs, 2 ok, 2 failed" in proc.stdout
     for name in ("summary.png", "training_error.png"):
         assert (sweep_dir / name).read_bytes().startswith(PNG)
+    # One process ran the jobs in turn: the first job's clock counts the process's start-up
+    # (the imports), a later job's only its own time, not the jobs before it.
+    first, third = (json.loads((Path(rows[i]["dir"]) / "results.json").read_text()) for i in (0, 2))
+    assert first["time_s"]["total"] > first["wall_time_s"] + 0.5
+    assert third["time_s"]["total"] <= third["wall_time_s"] + 0.5
+    (row,) = [json.loads(x) for x in (Path(rows[2]["dir"]) / "metrics.jsonl").read_text().splitlines()]
+    assert row["elapsed_s"] <= third["wall_time_s"] + 0.5  # what time_to_acc and the summary use
 
 
 @pytest.mark.slow
@@ -426,3 +433,17 @@ def test_optuna_lr_search_runs(tmp_path: Path):
     # with a validation split the trials are compared on it, never on the test set
     assert result.best_value == max(float(r["best_val_acc"]) for r in rows)
     assert 0.001 <= result.best_params.lr <= 1.0
+
+
+def test_summary_command_into_a_closed_pipe_is_quiet(fake_sweep: Path):
+    """`python -m resnet_cli.sweep DIR | head -1`: the reader goes away; no traceback."""
+    import os
+    import subprocess
+    import sys
+
+    read, write = os.pipe()
+    os.close(read)  # a reader that has already gone
+    proc = subprocess.run([sys.executable, "-m", "resnet_cli.sweep", str(fake_sweep)], stdout=write,
+                          stderr=subprocess.PIPE, text=True, timeout=120)
+    os.close(write)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr

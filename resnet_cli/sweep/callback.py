@@ -18,7 +18,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from ..errors import EXIT_FAILURE, EXIT_USAGE, error_line, fail
+from ..errors import EXIT_FAILURE, EXIT_USAGE, error_line, fail, user_errors
 from .folder import collect, job_dirs, load_json
 from .jobs import ERROR_FILE, record_failure
 from .plots import plot_summary, plot_training_error
@@ -130,5 +130,6 @@ def main(argv: list[str] | None = None) -> None:
     path = Path(args[0])
     if not path.is_dir() or not job_dirs(path):
         fail(f"{path}: not a sweep folder (no job folders with .hydra/overrides.yaml)")
-    doc = summarize(path, "true" if "--training-error" in args else "auto")
+    with user_errors():
+        doc = summarize(path, "true" if "--training-error" in args else "auto")
     sys.exit(EXIT_FAILURE if doc["n_failed"] else 0)

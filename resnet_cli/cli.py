@@ -250,7 +250,9 @@ def _config_dir(flags: list[str]) -> str | None:
         if name in ("--config-dir", "-cd"):
             if not eq:
                 value = flags[i + 1] if i + 1 < len(flags) else ""
-            if not value or not Path(value).expanduser().is_dir():
+            if not value:
+                raise ConfigError(f"{name}: give the folder of your configs ({name} DIR)")
+            if not Path(value).expanduser().is_dir():
                 raise ConfigError(f"{name} {value}: not a folder")
             return str(Path(value).expanduser().resolve())
     return None

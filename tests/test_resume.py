@@ -250,6 +250,8 @@ BAD_COMMAND_LINES = [
     (["scheduler=step", "scheduler.milestones=[2]"], "scheduler.milestones"),
     (["hydra.run.dir=/proc/x"], "cannot create the run folder"),
     (["hydra.run.dir=/sys/x"], "cannot create the run folder"),
+    (["--config-dir"], "--config-dir: give the folder of your configs"),
+    (["-cd", "nope"], "-cd nope: not a folder"),
     (["-m", "lr=0.1,-1"], "lr=-1"),
 ]
 

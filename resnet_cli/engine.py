@@ -276,10 +276,9 @@ def rank_share(run: Running, is_main: bool) -> Running:
 
 
 def global_epoch_stats(run: Running, device: torch.device) -> dict:
-    loss_sum, correct, seen, counted, skipped = _reduce(
-        [run.loss_sum, run.correct, run.seen, run.counted, run.skipped], device)
-    return {"train_loss": loss_sum / max(counted, 1), "train_acc": correct / max(counted, 1),
-            "skipped_steps": int(skipped), "train_images": int(seen)}
+    g = global_running(run, device)
+    return {"train_loss": g.loss_sum / max(g.counted, 1), "train_acc": g.correct / max(g.counted, 1),
+            "skipped_steps": int(g.skipped), "train_images": int(g.seen)}
 
 
 def _pad_to(x: torch.Tensor, n: int) -> torch.Tensor:

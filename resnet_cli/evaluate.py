@@ -161,8 +161,10 @@ def evaluate_checkpoint(ckpt: Mapping[str, Any], path: Path, data_cfg: Mapping[s
                         f"{loaded.num_classes} outputs")
     if tta_hflip is None:  # as the training run scored it, so best.pt scores its best_test_acc
         tta_hflip = bool(cfg.get("trainer", {}).get("tta_hflip", False))
+    # Padded to one batch shape on CUDA, as the training run's evaluation is (train.py): the same
+    # kernels for the last batch, so best.pt scores the run's best_test_acc there too.
     ev = evaluate(loaded.model, data.test.batches(), device, precision, channels_last, topk=(1, 5), collect=True,
-                  tta_hflip=tta_hflip)
+                  fixed_batch=eval_bs if device.type == "cuda" else None, tta_hflip=tta_hflip)
     n = loaded.num_classes
     conf = confusion_matrix(ev["preds"], ev["targets"], n)
     support, correct = conf.sum(1), conf.diag()

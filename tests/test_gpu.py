@@ -34,7 +34,8 @@ BATCH = 64
 # 5 full batches and a ragged one of 24, which the graph cannot take: it must run eagerly.
 SYNTHETIC = {"name": "synthetic", "image_size": 28, "channels": 1, "num_classes": 10, "train_size": 5 * BATCH + 24,
              "test_size": 64, "resize": None, "augment": "standard", "hflip": True, "crop_padding": 2,
-             "normalize": True, "mean": None, "std": None, "pipeline": "memory"}
+             "normalize": True, "mean": None, "std": None, "pipeline": "memory",
+             "drop_last": False}
 
 
 def _batches(data, epoch: int, nan_at: int | None) -> list:

@@ -33,8 +33,18 @@ from .engine import StepContext, eager_forward
 
 log = logging.getLogger("resnet_cli")
 
-def decide(setting: object, device: torch.device, distributed: bool, compiled: bool) -> tuple[bool, str]:
-    """(use graphs, why): the reason is for the run log ('' where there is nothing to say)."""
+def thread_local_capture() -> bool:
+    """Whether make_graphed_callables takes capture_error_mode (pytorch PR 188832, July 2026:
+    torch 2.14 has it, 2.11 does not). Without it, capture runs in CUDA's "global" mode, in
+    which CUDA calls from any other thread of the process break the capture."""
+    return "capture_error_mode" in inspect.signature(torch.cuda.make_graphed_callables).parameters
+
+
+def decide(setting: object, device: torch.device, distributed: bool, compiled: bool,
+           loader: bool = False) -> tuple[bool, str]:
+    """(use graphs, why): the reason is for the run log ('' where there is nothing to say).
+    `loader`: the training batches come from a DataLoader, whose pin-memory thread makes CUDA
+    calls while the step is captured."""
     value = str(setting).lower()  # a command-line `true` arrives as "True"
     if value not in CUDA_GRAPHS:
         raise ConfigError(f"trainer.cuda_graphs={setting}: choose from {', '.join(CUDA_GRAPHS)}")
@@ -50,9 +60,21 @@ def decide(setting: object, device: torch.device, distributed: bool, compiled: b
             raise ConfigError("trainer.cuda_graphs=true: cannot be combined with trainer.compile=true "
                               "(torch.compile makes its own graphs); set one of them to false")
         return False, "off (trainer.compile=true)"
+    if loader and not thread_local_capture():
+        # The pin-memory thread's CUDA calls during a global-mode capture fail in that thread,
+        # and the DataLoader re-raises the error at the next batch: no eager fallback then.
+        why = (f"torch {torch.__version__} captures in global mode, which the DataLoader's pin-memory thread "
+               "breaks (data.pipeline=loader)")
+        if value == "true":
+            raise ConfigError(f"trainer.cuda_graphs=true: {why}; use data.pipeline=memory where the data fits, "
+                              "a torch whose make_graphed_callables takes capture_error_mode, or auto/false")
+        return False, f"off: {why}"
     if distributed:
         # DDP all-reduces gradients from hooks inside backward; make_graphed_callables takes
         # modules without hooks, and a captured all-reduce would need DDP's static-graph mode.
+        if value == "true":
+            raise ConfigError("trainer.cuda_graphs=true: not available under DDP (torchrun with several processes: "
+                              "the gradient all-reduce runs inside backward); use auto or false")
         return False, "off under DDP (its gradient all-reduce runs inside backward)"
     return True, "on: forward+backward captured at the first full batch"
 
@@ -97,9 +119,8 @@ class _LossOf(nn.Module):
 def _capture_mode() -> dict[str, str]:
     # DataLoader's pin-memory thread allocates pinned memory while we capture; in the default
     # "global" mode that invalidates the capture. "thread_local" only guards this thread.
-    # (The argument is newer than torch 2.3; without it, such a capture fails and runs eagerly.)
-    params = inspect.signature(torch.cuda.make_graphed_callables).parameters
-    return {"capture_error_mode": "thread_local"} if "capture_error_mode" in params else {}
+    # Where torch lacks the argument, decide() keeps graphs off for the loader pipeline.
+    return {"capture_error_mode": "thread_local"} if thread_local_capture() else {}
 
 
 class GraphedForward:
@@ -157,4 +178,4 @@ class GraphedForward:
         log.info("cuda graphs: forward+backward captured for batches of %s", "x".join(map(str, x.shape)))
 
 
-__all__ = ["GraphedForward", "decide", "preserved"]
+__all__ = ["GraphedForward", "decide", "preserved", "thread_local_capture"]

@@ -35,6 +35,11 @@ def resolve_device(spec: str, local_rank: int | None = None) -> torch.device:
             raise ConfigError(f"trainer.device={spec}: CUDA is not available on this machine; use auto or cpu")
         if device.index is None:
             device = torch.device("cuda", local_rank or 0)
+        elif local_rank is not None:
+            # distributed.init() puts each process on the GPU of its LOCAL_RANK; one fixed index
+            # would put every rank on one GPU, which NCCL refuses.
+            raise ConfigError(f"trainer.device={spec}: under torchrun each process takes the GPU of its local rank; "
+                              "use cuda or auto (CUDA_VISIBLE_DEVICES chooses the GPUs)")
         elif device.index >= torch.cuda.device_count():
             raise ConfigError(f"trainer.device={spec}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     elif device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):

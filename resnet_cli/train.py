@@ -28,7 +28,7 @@ from . import cuda_graphs, distributed, finetune
 from .checkpoint import (CheckpointWriter, atomic_write_json, load_checkpoint, remove_stale_temp_files,
                          resolve_resume)
 from .config import ConfigError, check_values
-from .data import Data, load_data
+from .data import Data, load_data, resolve_pipeline
 from .data.prefetch import prefetched
 from .distributed import DistInfo
 from .engine import (NonFiniteLoss, Running, StepContext, evaluate, global_epoch_stats, global_running, rank_share,
@@ -338,7 +338,8 @@ def _train(cfg: dict[str, Any], run_dir: Path, dinfo: DistInfo, stop: StopSignal
     device = resolve_device(cfg["trainer"]["device"], dinfo.local_rank if dinfo.enabled else None)
     precision = resolve_precision(cfg["trainer"]["precision"], device)
     tcfg = cfg["trainer"]
-    graphs, graphs_note = cuda_graphs.decide(tcfg["cuda_graphs"], device, dinfo.enabled, bool(tcfg["compile"]))
+    graphs, graphs_note = cuda_graphs.decide(tcfg["cuda_graphs"], device, dinfo.enabled, bool(tcfg["compile"]),
+                                             loader=resolve_pipeline(cfg["data"]) == "loader")
     resume_ckpt = None
     if cfg.get("resume"):
         _, ckpt_path = resolve_resume(cfg["resume"])

@@ -31,12 +31,30 @@ TINY = {"block": "basic", "layers": [1, 1], "widths": [8, 16], "stem": "cifar"}
     ("false", CPU, False, False, False, ""),
     ("false", CUDA, False, False, False, "trainer.cuda_graphs=false"),
     ("auto", CUDA, True, False, False, "DDP"),
-    ("true", CUDA, True, False, False, "DDP"),
     ("auto", CUDA, False, True, False, "trainer.compile=true"),
 ])
 def test_when_graphs_are_used(setting, device, ddp, compiled, on, note):
     used, why = decide(setting, device, ddp, compiled)
     assert used is on and note in why
+
+
+@pytest.mark.parametrize("torch_has_thread_local", [True, False])
+def test_the_loader_pipeline_gets_graphs_only_where_capture_can_ignore_its_thread(monkeypatch, torch_has_thread_local):
+    # torch 2.11's make_graphed_callables captures in global mode, which the DataLoader's
+    # pin-memory thread breaks with an error the DataLoader re-raises (no eager fallback).
+    import resnet_cli.cuda_graphs as cg
+
+    monkeypatch.setattr(cg, "thread_local_capture", lambda: torch_has_thread_local)
+    assert cg._capture_mode() == ({"capture_error_mode": "thread_local"} if torch_has_thread_local else {})
+    assert decide("auto", CUDA, False, False, loader=False) == (True, "on: forward+backward captured at the first "
+                                                                      "full batch")
+    used, why = decide("auto", CUDA, False, False, loader=True)
+    assert used is torch_has_thread_local and (torch_has_thread_local or "pin-memory thread" in why)
+    if torch_has_thread_local:
+        assert decide("true", CUDA, False, False, loader=True)[0] is True
+    else:
+        with pytest.raises(ConfigError, match=r"^trainer.cuda_graphs=true: torch .* data.pipeline=memory"):
+            decide("true", CUDA, False, False, loader=True)
 
 
 @pytest.mark.parametrize("setting,device,compiled,needle", [
@@ -49,6 +67,11 @@ def test_impossible_settings_are_config_errors(setting, device, compiled, needle
     with pytest.raises(ConfigError, match=needle) as e:
         decide(setting, device, False, compiled)
     assert str(e.value).startswith(f"trainer.cuda_graphs={setting}: ") and "\n" not in str(e.value)
+
+
+def test_graphs_asked_for_under_ddp_are_refused_like_under_compile():
+    with pytest.raises(ConfigError, match=r"^trainer.cuda_graphs=true: not available under DDP"):
+        decide("true", CUDA, True, False)
 
 
 @pytest.mark.parametrize("value,needle", [("true", "need a CUDA device"), ("maybe", "choose from auto, true, false")])
@@ -114,3 +137,17 @@ def test_prefetch_off_cuda_is_the_plain_iterator():
     batches = _batches(2, 4, 3)
     got = list(prefetched(batches, CPU))
     assert len(got) == 3 and all(a is c and b is d for (a, b), (c, d) in zip(got, batches))
+
+
+def test_under_torchrun_a_fixed_gpu_index_is_refused(monkeypatch):
+    # distributed.init() sets each rank's GPU from LOCAL_RANK: cuda:1 on every rank would put
+    # them all on one GPU, which NCCL refuses ("Duplicate GPU detected").
+    from resnet_cli.engine import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("cuda", local_rank=1) == torch.device("cuda", 1)
+    assert resolve_device("auto", local_rank=1) == torch.device("cuda", 1)
+    assert resolve_device("cuda:1") == torch.device("cuda", 1)  # one process: any GPU it names
+    with pytest.raises(ConfigError, match=r"^trainer.device=cuda:1: under torchrun each process takes the GPU"):
+        resolve_device("cuda:1", local_rank=0)

@@ -57,12 +57,18 @@ def _stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
     return tuple(x.mean(dim=(0, 2, 3)).tolist()), tuple(x.std(dim=(0, 2, 3)).tolist())
 
 
+def resolve_pipeline(cfg: Mapping[str, Any]) -> str:
+    """data.pipeline with auto decided: "memory" for the datasets held in memory, else "loader"."""
+    pipeline = cfg.get("pipeline", "auto")
+    if pipeline == "auto":
+        pipeline = "memory" if cfg["name"] in IN_MEMORY else "loader"
+    return pipeline
+
+
 def load_data(cfg: Mapping[str, Any], batch_size: int, eval_batch_size: int, seed: int,
               device: torch.device, rank: int = 0, world: int = 1) -> Data:
     name = cfg["name"]
-    pipeline = cfg.get("pipeline", "auto")
-    if pipeline == "auto":
-        pipeline = "memory" if name in IN_MEMORY else "loader"
+    pipeline = resolve_pipeline(cfg)
     if name == "imagefolder" and pipeline == "memory":
         raise DataError("data.pipeline=memory: not available for imagefolder (images of any size); use loader")
     workers = cfg.get("num_workers")

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks of issue 12 as one command: install what the machine lacks from wheels
-# brought along (GPU machines may have no network), then run the default 10-epoch run, the
-# throughput and step-variant benchmarks and `pytest -m gpu`, and write one JSON summary to
+# brought along (GPU machines may have no network), then run the default 10-epoch run,
+# `pytest -m gpu` and the throughput and step-variant benchmarks, and write one JSON summary to
 # $OUT/gpu-check.json (when OUT is set) and benchmarks/results/gpu-check-<date>.json.
 # Under 7 minutes on an H100 (--budget, default 380 s, bounds the checks after the install).
 #

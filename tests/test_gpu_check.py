@@ -34,7 +34,7 @@ def test_without_cuda_it_fails_in_one_line(tmp_path):
 
 
 @pytest.mark.parametrize("args,needle", [
-    (["--parts", "default_run,fast"], "--parts fast: choose from default_run, throughput, step_variants, pytest_gpu"),
+    (["--parts", "default_run,fast"], "--parts fast: choose from default_run, pytest_gpu, throughput, step_variants"),
     (["--data-root", "/no/such/folder"], "--data-root /no/such/folder: no FashionMNIST/raw folder there"),
 ])
 def test_bad_arguments_fail_in_one_line(args, needle):
@@ -50,7 +50,7 @@ def test_cpu_smoke_runs_every_part_and_writes_one_summary(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     summary = json.loads((tmp_path / "gpu-check.json").read_text())
     parts = summary["parts"]
-    assert list(parts) == ["default_run", "throughput", "step_variants", "pytest_gpu"]
+    assert list(parts) == ["default_run", "pytest_gpu", "throughput", "step_variants"]
     assert all(p["status"] == "ok" and p["duration_s"] > 0 for p in parts.values()), parts
     assert summary["cpu_smoke"] and summary["torch"] == torch.__version__ and summary["total_s"] <= summary["budget_s"]
     run = parts["default_run"]["numbers"]

@@ -4,7 +4,6 @@ while the other waits in the all-reduce hangs the job); without it every rank mu
 
 import datetime
 import json
-import os
 import sys
 
 import torch

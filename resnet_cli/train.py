@@ -31,6 +31,7 @@ from .config import ConfigError, check_values
 from .data import Data, load_data, resolve_pipeline
 from .data.prefetch import prefetched
 from .distributed import DistInfo
+from .ema import build_ema
 from .engine import (NonFiniteLoss, Running, StepContext, evaluate, global_epoch_stats, global_running, rank_share,
                      resolve_device, resolve_precision, train_one_epoch)
 from .models import build_model, stage_sizes
@@ -133,17 +134,6 @@ def build_scheduler(optimizer: torch.optim.Optimizer, sched_cfg: dict[str, Any],
         return None
     factory = instantiate(sched_cfg)
     return factory(optimizer, total_steps=steps_per_epoch * epochs, steps_per_epoch=steps_per_epoch)
-
-
-def build_ema(model: nn.Module, decay: float | None) -> nn.Module | None:
-    """torch's AveragedModel with its EMA helper. use_buffers=True averages the BatchNorm
-    running statistics along with the weights, so the average is evaluated with statistics
-    that belong to it (as torchvision's references do), not with the raw model's."""
-    if not decay:
-        return None
-    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-
-    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
 
 
 def rebuild_schedule(optimizer: torch.optim.Optimizer, sched_cfg: dict[str, Any], base_lrs: list[float],

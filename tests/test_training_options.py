@@ -44,6 +44,38 @@ def test_ema_follows_every_step_and_averages_batchnorm_statistics():
     assert int(ema.n_averaged) == 4
 
 
+def test_ema_equals_torchs_averaged_model_without_reading_the_device(monkeypatch):
+    # AveragedModel.update_parameters reads its counter on the host (a GPU stall per step on
+    # CUDA); EMA must compute the same numbers, integer buffers included, without such reads.
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    from resnet_cli.ema import EMA
+
+    model = tiny_model()
+    ours, torchs = EMA(model, 0.75), AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.75), use_buffers=True)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ctx = StepContext(opt, None, nn.CrossEntropyLoss(), CPU, "fp32", channels_last=False)
+
+    def host_read(self):
+        raise AssertionError("a tensor was read on the host during an EMA update")
+
+    for i, (x, y) in enumerate(batches(5)):
+        train_one_epoch(model, [(x, y)], ctx, epoch=1)
+        torchs.update_parameters(model)
+        with monkeypatch.context() as m:
+            if i:  # the first update is torch's own (it copies)
+                m.setattr(torch.Tensor, "__bool__", host_read)
+            ours.update_parameters(model)
+        if i == 2:  # a resume: a fresh EMA from the saved state goes on from there
+            saved = ours.state_dict()
+            ours = EMA(tiny_model(), 0.75)
+            ours.load_state_dict(saved)
+            assert ours.started
+    a, b = ours.state_dict(), torchs.state_dict()
+    assert list(a) == list(b) and any(not v.is_floating_point() for v in a.values())
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
+
+
 def test_flip_tta_averages_the_probabilities_of_an_image_and_its_mirror():
     model = tiny_model().eval()
     data = batches(2)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -77,6 +78,25 @@ def any_rank(flag: bool, device: torch.device) -> bool:
     t = torch.tensor([1 if flag else 0], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
+
+
+class StopPoll:
+    """Whether to stop, asked before every step: `flag()` on this rank, agreed by all ranks
+    under DDP. The agreement is an all-reduce whose result the host must read: on CUDA that
+    stalls the launch queue, so there it is asked every `every` calls (all ranks make the same
+    calls, so they ask at the same steps) and a signal stops the run up to `every` steps later.
+    `force=True` always asks (the end of an epoch)."""
+
+    def __init__(self, flag: Callable[[], bool], agree: Callable[[bool], bool] | None, every: int = 1):
+        self.flag, self.agree, self.every, self.calls = flag, agree, max(int(every), 1), 0
+
+    def __call__(self, force: bool = False) -> bool:
+        if self.agree is None:
+            return self.flag()
+        self.calls += 1
+        if not force and (self.calls - 1) % self.every:
+            return False
+        return self.agree(self.flag())
 
 
 def params_identical(model: torch.nn.Module) -> bool:

@@ -456,9 +456,12 @@ def _loop(tr: Trainer, clock: Clock, stop: StopSignals, precision: str, steps_pe
                 if device.type == "cpu" and dinfo.is_main:
                     _eta_hint(tr, run, epoch, steps_per_epoch)
 
-            def should_stop() -> bool:
-                return distributed.any_rank(stop.signum is not None, device) if dinfo.enabled \
-                    else stop.signum is not None
+            # Under DDP every rank must stop at the same step; on CUDA they agree every 20 steps
+            # (as the engine checks losses), not every step, which would stall the GPU's queue.
+            should_stop = distributed.StopPoll(
+                lambda: stop.signum is not None,
+                (lambda flag: distributed.any_rank(flag, device)) if dinfo.enabled else None,
+                every=20 if device.type == "cuda" else 1)
 
             clock.training_starts()
             busy = tr.writer.busy_seconds
@@ -478,7 +481,7 @@ def _loop(tr: Trainer, clock: Clock, stop: StopSignals, precision: str, steps_pe
         if dinfo.is_main:
             log.info(epoch_line(row, cfg["epochs"]))
             trackers.log_epoch(row)
-        if should_stop() and tr.epoch < cfg["epochs"]:  # last.pt of this epoch is saved
+        if should_stop(force=True) and tr.epoch < cfg["epochs"]:  # last.pt of this epoch is saved
             _exit_resumable(tr, clock, model_name, stop.exit_code)
 
 

@@ -135,3 +135,23 @@ def test_dataloader_path_is_sharded_too(tmp_path):
     single = json.loads((tmp_path / "eval" / "eval.json").read_text())
     assert single["top1"] == pytest.approx(row["test_acc"], abs=0.011)  # per-sample vs device resize: 1 image
     assert single["loss"] == pytest.approx(row["test_loss"], rel=1e-3)
+
+
+def test_ranks_agree_on_stopping_at_the_same_polled_steps():
+    from resnet_cli.distributed import StopPoll
+
+    asked = []
+    signalled = {"now": False}
+
+    def agree(flag: bool) -> bool:  # stands in for the all-reduce: records when ranks are asked
+        asked.append(flag)
+        return flag
+
+    poll = StopPoll(lambda: signalled["now"], agree, every=20)
+    assert not any(poll() for _ in range(45)) and len(asked) == 3  # calls 1, 21, 41: one all-reduce per 20 steps
+    signalled["now"] = True
+    answers = [poll() for _ in range(16)]  # calls 46..61: the next poll is call 61
+    assert answers == [False] * 15 + [True] and asked == [False, False, False, True]
+    assert poll(force=True) and len(asked) == 5  # the end of an epoch always asks
+    alone = StopPoll(lambda: signalled["now"], None, every=20)  # one process: no agreement, every step
+    assert alone() and alone()

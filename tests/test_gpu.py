@@ -224,10 +224,19 @@ SMALL = ["data=synthetic", "data.train_size=256", "data.test_size=100", "batch_s
          "trainer.progress=plain", "epochs=2"]
 
 
-def test_torchrun_with_nccl_one_process(tmp_path):
+def test_torchrun_one_process_on_cuda(tmp_path):
+    # One process is a plain run (no process group, so no NCCL): DDP needs two ranks.
     run = _torchrun(1, *SMALL, "trainer.device=cuda", cwd=tmp_path)
     results = json.loads((run / "results.json").read_text())
-    assert results["device"].startswith("cuda") and results["epochs"] == 2
+    assert results["device"].startswith("cuda") and results["epochs"] == 2 and results["world_size"] == 1
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL between two ranks needs two GPUs")
+def test_torchrun_with_nccl_two_processes(tmp_path):
+    run = _torchrun(2, *SMALL, "trainer.device=cuda", cwd=tmp_path)
+    assert "parameters identical on all 2 ranks" in (run / "train.log").read_text()
+    results = json.loads((run / "results.json").read_text())
+    assert results["device"].startswith("cuda") and results["world_size"] == 2
 
 
 def test_torchrun_with_gloo_on_the_cpu_of_a_gpu_machine(tmp_path):

@@ -73,9 +73,11 @@ def drop_bias(where: str) -> Callable[[nn.Module], None]:
 
 
 def nchw_stem(model: nn.Module) -> None:
-    """Stem (conv1 .. maxpool) in NCHW, the stages in channels_last."""
-    model.conv1.weight.data = model.conv1.weight.data.contiguous()
-    model.conv1.register_forward_pre_hook(lambda m, args: (args[0].contiguous(),))
+    """Stem (conv1 .. maxpool) in NCHW, the stages in channels_last. With one input channel a
+    channels_last tensor also counts as contiguous (size-1 dims are ignored), so .contiguous()
+    would keep its strides and cuDNN would still pick channels_last: clone into NCHW strides."""
+    model.conv1.weight.data = model.conv1.weight.data.clone(memory_format=torch.contiguous_format)
+    model.conv1.register_forward_pre_hook(lambda m, args: (args[0].clone(memory_format=torch.contiguous_format),))
     model.maxpool.register_forward_hook(lambda m, args, out: out.contiguous(memory_format=torch.channels_last))
 
 
@@ -127,15 +129,25 @@ def build(v: Variant, device: torch.device) -> nn.Module:
 
 
 def equivalence(v: Variant, device: torch.device, size: int) -> dict[str, Any]:
-    """Same state_dict keys and shapes as the preset, and the largest output difference (fp32)."""
+    """Same state_dict keys and shapes as the preset, and the largest output difference in true
+    fp32: TF32 and autotuning off while comparing (layouts would otherwise pick different TF32
+    algorithms and differ by ~1e-3 for reasons that are not the variant's)."""
     base, other = build(Variant(v.preset, ""), device), build(v, device)
     shapes = [{k: t.shape for k, t in m.state_dict().items()} for m in (base, other)]
     same_keys = shapes[0] == shapes[1]
     x = torch.randn(8, 1, size, size, device=device, generator=torch.Generator(device).manual_seed(1))
-    with torch.no_grad():
-        diff = max((base.train()(x) - other.train()(x)).abs().max().item(),
-                   (base.eval()(x) - other.eval()(x)).abs().max().item())
-    return {"same_state_dict_keys": same_keys, "max_abs_diff_fp32": diff}
+    matmul_tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        with torch.no_grad(), torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True,
+                                                         allow_tf32=False):
+            diff = max((base.train()(x) - other.train()(x)).abs().max().item(),
+                       (base.eval()(x) - other.eval()(x)).abs().max().item())
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = matmul_tf32
+    conv1 = getattr(other, "conv1", None)
+    return {"same_state_dict_keys": same_keys, "max_abs_diff_fp32": diff,
+            "conv1_weight_stride": list(conv1.weight.stride()) if conv1 is not None else None}
 
 
 # ---------------------------------------------------------------- timing
@@ -178,6 +190,8 @@ def top_kernels(run: Callable[[int], None], device: torch.device, steps: int = 5
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    run(2)  # the first steps make the momentum buffers: not part of a steady step
+    _sync(device)
     with profile(activities=acts) as prof:
         run(steps)
         _sync(device)
@@ -187,7 +201,14 @@ def top_kernels(run: Callable[[int], None], device: torch.device, steps: int = 5
             return float(getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0.0))
         return float(e.self_cpu_time_total)
 
-    events = [e for e in prof.key_averages() if self_time(e) > 0]
+    def counted(e) -> bool:
+        # On CUDA only the kernels themselves: the aten op that launched a kernel carries the
+        # same device time, and annotations (Optimizer.step#SGD.step) span many kernels.
+        if device.type == "cuda":
+            return e.device_type == torch.autograd.DeviceType.CUDA and not getattr(e, "is_user_annotation", False)
+        return True
+
+    events = [e for e in prof.key_averages() if counted(e) and self_time(e) > 0]
     total = sum(self_time(e) for e in events) or 1.0
     events.sort(key=self_time, reverse=True)
     return [{"name": e.key[:120], "ms_per_step": self_time(e) / 1e3 / steps, "share": self_time(e) / total,

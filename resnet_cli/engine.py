@@ -19,6 +19,18 @@ from .errors import NonFiniteLoss
 
 # ---------------------------------------------------------------- device and precision
 
+def configure_cuda(device: torch.device, cudnn_benchmark: bool) -> None:
+    """The CUDA settings a run trains and evaluates with (resnet-eval applies the run's, so it
+    scores with the same kind of kernels): cuDNN autotuning as configured, TF32 matmuls and
+    convolutions. The CUDA context is made here, so start-up pays for it, not data loading."""
+    if device.type != "cuda":
+        return
+    torch.backends.cudnn.benchmark = cudnn_benchmark
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    torch.zeros((), device=device)
+
+
 def resolve_device(spec: str, local_rank: int | None = None) -> torch.device:
     if spec == "auto":
         if torch.cuda.is_available():

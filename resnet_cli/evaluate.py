@@ -143,11 +143,12 @@ def evaluate_checkpoint(ckpt: Mapping[str, Any], path: Path, data_cfg: Mapping[s
                         ) -> dict[str, Any]:
     """Score the checkpoint on data_cfg's test split. Returns the eval.json dict."""
     from .data import DataError, load_data
-    from .engine import evaluate
+    from .engine import configure_cuda, evaluate
     from .inference import load_model
 
     cfg = ckpt["config"]
     channels_last = bool(cfg.get("trainer", {}).get("channels_last", True))
+    configure_cuda(device, bool(cfg.get("trainer", {}).get("cudnn_benchmark", True)))
     loaded = load_model(ckpt, path, device, channels_last)
     if _data_channels(data_cfg) != loaded.in_channels:
         raise DataError(f"data={data_cfg['name']}: {_data_channels(data_cfg)}-channel images, but the model takes "

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import random
 import shlex
@@ -32,8 +33,8 @@ from .data import Data, load_data, resolve_pipeline
 from .data.prefetch import prefetched
 from .distributed import DistInfo
 from .ema import build_ema
-from .engine import (NonFiniteLoss, Running, StepContext, evaluate, global_epoch_stats, global_running, rank_share,
-                     resolve_device, resolve_precision, train_one_epoch)
+from .engine import (NonFiniteLoss, Running, StepContext, configure_cuda, evaluate, global_epoch_stats,
+                     global_running, rank_share, resolve_device, resolve_precision, train_one_epoch)
 from .models import build_model, stage_sizes
 from .models.resnet import ModelSpec
 from .reporting import MetricsFile, epoch_line, epoch_progress, plot_curves, progress_mode
@@ -85,25 +86,32 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def rng_state() -> dict[str, Any]:
-    """All global RNG states as tensors and plain data (weights_only-loadable)."""
+def rng_state(device: torch.device | None = None) -> dict[str, Any]:
+    """All global RNG states as tensors and plain data (weights_only-loadable): Python's,
+    numpy's, torch's CPU one and, for a CUDA run, its own GPU's (not every visible GPU's: a
+    resume may see fewer GPUs, or another one)."""
     np_state = np.random.get_state()
     state = {"python": random.getstate(), "torch": torch.get_rng_state(),
              "numpy": [np_state[0], torch.from_numpy(np_state[1].copy()), *[float(v) if isinstance(v, float) else int(v)
                                                                              for v in np_state[2:]]]}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device is not None and device.type == "cuda":
+        state["cuda_device"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any], device: torch.device | None = None) -> None:
     py = state["python"]
     random.setstate((py[0], tuple(py[1]), py[2]))
     torch.set_rng_state(state["torch"].cpu())
     kind, keys, *rest = state["numpy"]
     np.random.set_state((kind, keys.cpu().numpy(), *rest))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+    if device is not None and device.type == "cuda":
+        saved = state.get("cuda_device")
+        older = state.get("cuda") or []  # checkpoints before this one: a state per visible GPU
+        if saved is None and (device.index or 0) < len(older):
+            saved = older[device.index or 0]
+        if saved is not None:
+            torch.cuda.set_rng_state(saved.cpu(), device)
 
 
 def param_groups(model: nn.Module, weight_decay: float, decay_norm_bias: bool) -> list[dict[str, Any]]:
@@ -290,7 +298,7 @@ class Trainer:
             # The finished epochs' rows: a resume rewrites metrics.jsonl from them, so the table
             # matches the checkpoint whatever moment a crash hit.
             "history": list(self.history),
-            "config": self.cfg, "rng": rng_state(),
+            "config": self.cfg, "rng": rng_state(self.ctx.device),
             "preprocess": self.data.prep.as_dict(), "class_names": self.data.class_names,
             "num_classes": self.data.num_classes,
         }
@@ -333,14 +341,13 @@ def _train(cfg: dict[str, Any], run_dir: Path, dinfo: DistInfo, stop: StopSignal
     resume_ckpt = None
     if cfg.get("resume"):
         _, ckpt_path = resolve_resume(cfg["resume"])
-        resume_ckpt = load_checkpoint(ckpt_path, map_location=device)
+        # to host memory: load_state_dict copies to the parameters' devices, and an optimizer
+        # state loaded onto the GPU would keep Adam's step counters there (a host read per step)
+        resume_ckpt = load_checkpoint(ckpt_path, map_location="cpu")
         check_resume_compatible(cfg, resume_ckpt["config"], ckpt_path)
 
     seed_everything(cfg["seed"])
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = bool(tcfg["cudnn_benchmark"])
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    configure_cuda(device, bool(tcfg["cudnn_benchmark"]))
     with clock.timed("data"):
         data = load_data(cfg["data"], cfg["batch_size"], tcfg["eval_batch_size"], cfg["seed"], device,
                          dinfo.rank, dinfo.world)
@@ -371,7 +378,10 @@ def _train(cfg: dict[str, Any], run_dir: Path, dinfo: DistInfo, stop: StopSignal
     loss_fn = nn.CrossEntropyLoss(label_smoothing=float(tcfg["label_smoothing"]))
     ctx = StepContext(optimizer, scheduler, loss_fn, device, precision, scaler, tcfg["grad_clip"],
                       tcfg["skip_nonfinite"], tcfg["channels_last"],
-                      report_every=1 if device.type == "cpu" or tcfg["checkpoint_every_steps"] else 25,
+                      # CUDA reads the step's numbers on the host every 25 steps, not every step
+                      # (each read waits for the GPU); a divisor of checkpoint_every_steps, so
+                      # those checkpoints still fall on a report
+                      report_every=1 if device.type == "cpu" else math.gcd(25, tcfg["checkpoint_every_steps"] or 25),
                       ema=build_ema(core, tcfg["ema_decay"]), ema_source=core,
                       forward=cuda_graphs.GraphedForward(core, cfg["batch_size"]) if graphs else None)
     tr = Trainer(model, core, ctx, data, cfg, run_dir, dinfo, clock=clock)
@@ -593,7 +603,7 @@ def _restore(tr: Trainer, ckpt: dict[str, Any], metrics: MetricsFile | None, ste
                                                 tr.cfg["epochs"])
             log.info("epochs changed %s -> %s: the schedule follows the new length",
                      ckpt["config"]["epochs"], tr.cfg["epochs"])
-    set_rng_state(ckpt["rng"])
+    set_rng_state(ckpt["rng"], tr.ctx.device)
     if "history" in ckpt:
         tr.history = [r for r in ckpt["history"] if r["epoch"] <= tr.epoch]
         if metrics is not None:

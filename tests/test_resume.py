@@ -285,3 +285,27 @@ def test_bad_command_lines_fail_in_one_line_from_the_installed_script(tmp_path, 
 def test_full_error_shows_the_traceback_when_asked(tmp_path):
     proc = run_cli("resnet-train", "data=synthetic", "lr=0", cwd=tmp_path, env={"HYDRA_FULL_ERROR": "1"})
     assert proc.returncode != 0 and "Traceback" in proc.stderr
+
+
+def test_a_cuda_run_saves_and_restores_its_own_gpus_random_state(monkeypatch):
+    # Saving every visible GPU's state made a resume with fewer visible GPUs fail (IndexError in
+    # set_rng_state_all); a run on cuda:1 keeps cuda:1's, and restores it to the GPU it resumes on.
+    from resnet_cli.train import rng_state, set_rng_state
+
+    states = {0: torch.tensor([0], dtype=torch.uint8), 1: torch.tensor([1], dtype=torch.uint8)}
+    restored = {}
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device: states[device.index].clone())
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, device: restored.__setitem__(device.index, s))
+    saved = rng_state(torch.device("cuda", 1))
+    assert torch.equal(saved["cuda_device"], states[1]) and "cuda" not in saved
+    set_rng_state(saved, torch.device("cuda", 0))  # resumed where only one GPU is visible
+    assert list(restored) == [0] and torch.equal(restored[0], states[1])
+    restored.clear()
+    older = {**saved, "cuda": [states[0], states[1]]}  # checkpoints before: one state per visible GPU
+    del older["cuda_device"]
+    set_rng_state(older, torch.device("cuda", 1))
+    assert torch.equal(restored[1], states[1])
+    restored.clear()
+    set_rng_state(older, torch.device("cuda", 2))  # no saved state for that GPU: left as seeded
+    set_rng_state(saved, torch.device("cpu"))
+    assert not restored and "cuda_device" not in rng_state(torch.device("cpu"))

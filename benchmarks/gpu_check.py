@@ -248,15 +248,13 @@ def main() -> int:
         paths.append(REPO / "benchmarks" / "results" / f"gpu-check-{dt.date.today().isoformat()}.json")
 
     def write_summary() -> None:
+        from resnet_cli.checkpoint import atomic_write_json  # temp file, fsync, rename
+
         summary["total_s"] = round(time.perf_counter() - started, 2)
         summary["targets"] = targets(summary["parts"])
         summary["log"] = str(log_path)
-        text = json.dumps(summary, indent=2) + "\n"
         for path in paths:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text(text)
-            os.replace(tmp, path)
+            atomic_write_json(path, summary)
 
     with open(log_path, "w") as log:
         for part in PARTS:

@@ -17,6 +17,10 @@ from .config import ConfigError
 from .errors import NonFiniteLoss
 
 
+# On CUDA the host reads a step's results only every this many steps (each read waits for the
+# GPU): the non-finite-loss check here, and the ranks' agreement to stop in train.py.
+HOST_READ_EVERY = 20
+
 # ---------------------------------------------------------------- device and precision
 
 def configure_cuda(device: torch.device, cudnn_benchmark: bool) -> None:
@@ -240,7 +244,7 @@ def train_one_epoch(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torc
         run.seen += y.shape[0]
         if not sync_every_step:
             pending.append((run.steps, loss.detach()))  # 1-based step number
-            if len(pending) >= 20:
+            if len(pending) >= HOST_READ_EVERY:
                 _check_pending(pending, epoch, ctx.device)
         if on_step is not None and run.steps % ctx.report_every == 0:
             _fold(run, loss_sum, correct)

@@ -33,8 +33,9 @@ from .data import Data, load_data, resolve_pipeline
 from .data.prefetch import prefetched
 from .distributed import DistInfo
 from .ema import build_ema
-from .engine import (NonFiniteLoss, Running, StepContext, configure_cuda, evaluate, global_epoch_stats,
-                     global_running, rank_share, resolve_device, resolve_precision, train_one_epoch)
+from .engine import (HOST_READ_EVERY, NonFiniteLoss, Running, StepContext, configure_cuda, evaluate,
+                     global_epoch_stats, global_running, rank_share, resolve_device, resolve_precision,
+                     train_one_epoch)
 from .models import build_model, stage_sizes
 from .models.resnet import ModelSpec
 from .reporting import MetricsFile, epoch_line, epoch_progress, plot_curves, progress_mode
@@ -466,12 +467,13 @@ def _loop(tr: Trainer, clock: Clock, stop: StopSignals, precision: str, steps_pe
                 if device.type == "cpu" and dinfo.is_main:
                     _eta_hint(tr, run, epoch, steps_per_epoch)
 
-            # Under DDP every rank must stop at the same step; on CUDA they agree every 20 steps
-            # (as the engine checks losses), not every step, which would stall the GPU's queue.
+            # Under DDP every rank must stop at the same step; on CUDA they agree every
+            # HOST_READ_EVERY steps (as the engine checks losses), not every step, which would
+            # stall the GPU's queue.
             should_stop = distributed.StopPoll(
                 lambda: stop.signum is not None,
                 (lambda flag: distributed.any_rank(flag, device)) if dinfo.enabled else None,
-                every=20 if device.type == "cuda" else 1)
+                every=HOST_READ_EVERY if device.type == "cuda" else 1)
 
             clock.training_starts()
             busy = tr.writer.busy_seconds

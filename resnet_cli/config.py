@@ -26,6 +26,7 @@ AUGMENTS = ("none", "standard")
 PIPELINES = ("auto", "memory", "loader")
 PROGRESS = ("auto", "bar", "plain", "none")
 CUDA_GRAPHS = ("auto", "true", "false")
+TTA_HFLIP = ("auto", "true", "false")
 DATASETS = ("fashion_mnist", "mnist", "cifar10", "cifar100", "imagefolder", "synthetic")
 
 
@@ -77,7 +78,10 @@ class TrainerConfig:
     progress: str = "auto"  # auto (bar on a terminal) | bar | plain | none
     checkpoint_every_steps: Optional[int] = None  # also save mid-epoch; None: each epoch end
     ema_decay: Optional[float] = None  # EMA of the weights, evaluated and saved beside them; None: off
-    tta_hflip: bool = False  # evaluate on each image and its mirror image (averaged probabilities)
+    # Evaluate on each image and its mirror image (averaged probabilities). auto: where training
+    # flips the images (data.hflip with data.augment=standard), i.e. a mirror keeps its class; it
+    # gained 0.002-0.003 test accuracy in every paired run measured, for ~5% more time (issue 13).
+    tta_hflip: str = "auto"  # auto | true | false (a string, as cuda_graphs)
     # auto: on for single-process CUDA runs without trainer.compile; a step that is not
     # launch-bound (issue 12). A string: a command-line true/false arrives as "True"/"False".
     cuda_graphs: str = "auto"  # auto | true | false
@@ -165,6 +169,8 @@ def check_values(cfg: Mapping[str, Any]) -> None:
     _check(t["progress"] in PROGRESS, "trainer.progress", t["progress"], f"choose from {', '.join(PROGRESS)}")
     _check(str(t["cuda_graphs"]).lower() in CUDA_GRAPHS, "trainer.cuda_graphs", t["cuda_graphs"],
            f"choose from {', '.join(CUDA_GRAPHS)}")
+    _check(str(t["tta_hflip"]).lower() in TTA_HFLIP, "trainer.tta_hflip", t["tta_hflip"],
+           f"choose from {', '.join(TTA_HFLIP)}")
     _check(t["checkpoint_every_steps"] is None or t["checkpoint_every_steps"] >= 1,
            "trainer.checkpoint_every_steps", t["checkpoint_every_steps"], "must be >= 1 or null")
     _check(t["ema_decay"] is None or 0 < t["ema_decay"] < 1, "trainer.ema_decay", t["ema_decay"],
@@ -184,6 +190,15 @@ def check_values(cfg: Mapping[str, Any]) -> None:
     s = cfg["summary"]
     _check(s["depth"] >= 1, "summary.depth", s["depth"], "must be >= 1")
     _check(s["format"] in ("table", "json"), "summary.format", s["format"], "choose from table, json")
+
+
+def tta_hflip_on(trainer: Mapping[str, Any], data: Mapping[str, Any]) -> bool:
+    """Whether a run's evaluation averages each image with its mirror image. Reads checkpoints'
+    configs too, from before `auto` (a plain bool, or no key: off)."""
+    value = str(trainer.get("tta_hflip", False)).lower()  # a command-line `true` arrives as "True"
+    if value == "auto":  # as training flips: data.hflip, unless augmentation is off altogether
+        return bool(data.get("hflip", False)) and data.get("augment", "none") != "none"
+    return value == "true"
 
 
 # Keys of the optimizer section that resnet-cli reads itself (not passed to the optimizer).

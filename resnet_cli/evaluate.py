@@ -16,7 +16,7 @@ from typing import Any, Mapping, Optional
 
 import torch
 
-from .config import ConfigError, DataConfig
+from .config import ConfigError, DataConfig, tta_hflip_on
 from .data.transforms import Preprocess
 
 USAGE = """
@@ -30,7 +30,7 @@ Evaluate a checkpoint on the test split of the dataset it was trained on.
   device=auto           auto | cpu | cuda | cuda:N | mps
   precision=null        null: the training run's policy; fp32 | bf16 | fp16
   batch_size=null       null: the training run's trainer.eval_batch_size
-  tta_hflip=null        null: the training run's trainer.tta_hflip; true: average with mirrored images
+  tta_hflip=null        null: as the training run scored (trainer.tta_hflip); true: average with mirrored images
   weights=raw           raw | ema: the EMA of the weights (runs with trainer.ema_decay)
   output_dir=null       null: the checkpoint's run folder
   trackers=true         also log to the training run's TensorBoard/MLflow run (logger=...), if it had any
@@ -161,7 +161,7 @@ def evaluate_checkpoint(ckpt: Mapping[str, Any], path: Path, data_cfg: Mapping[s
         raise DataError(f"data={data_cfg['name']}: {data.num_classes} classes, but the model has "
                         f"{loaded.num_classes} outputs")
     if tta_hflip is None:  # as the training run scored it, so best.pt scores its best_test_acc
-        tta_hflip = bool(cfg.get("trainer", {}).get("tta_hflip", False))
+        tta_hflip = tta_hflip_on(cfg.get("trainer", {}), cfg.get("data", {}))
     # Padded to one batch shape on CUDA, as the training run's evaluation is (train.py): the same
     # kernels for the last batch, so best.pt scores the run's best_test_acc there too.
     ev = evaluate(loaded.model, data.test.batches(), device, precision, channels_last, topk=(1, 5), collect=True,

@@ -28,7 +28,7 @@ from torch import nn
 from . import cuda_graphs, distributed, finetune
 from .checkpoint import (CheckpointWriter, atomic_write_json, load_checkpoint, remove_stale_temp_files,
                          resolve_resume)
-from .config import ConfigError, check_values
+from .config import ConfigError, check_values, tta_hflip_on
 from .data import Data, load_data, resolve_pipeline
 from .data.prefetch import prefetched
 from .distributed import DistInfo
@@ -403,6 +403,9 @@ def _train(cfg: dict[str, Any], run_dir: Path, dinfo: DistInfo, stop: StopSignal
                  cfg["batch_size"], per, steps_per_epoch)
         if graphs_note:
             log.info("cuda graphs %s", graphs_note)
+        if tta_hflip_on(tcfg, cfg["data"]):
+            log.info("evaluation averages each image with its mirror image (trainer.tta_hflip=%s)",
+                     str(tcfg["tta_hflip"]).lower())
         log.info("run dir %s", run_dir)
         if resume_ckpt is not None:
             log.info("resumed from epoch %d step %d", tr.epoch, tr.step)
@@ -540,7 +543,7 @@ def _scores(tr: Trainer, model: nn.Module, prefix: str, precision: str, fixed: i
         if batches is None:
             continue
         ev = evaluate(model, batches.batches(), device, precision, tr.ctx.channels_last, fixed_batch=fixed,
-                      tta_hflip=bool(tcfg["tta_hflip"]))
+                      tta_hflip=tta_hflip_on(tcfg, tr.cfg["data"]))
         out[f"{prefix}{split}_loss"], out[f"{prefix}{split}_acc"] = ev["loss"], ev["top1"]
     return out
 
@@ -642,6 +645,7 @@ def _results(rows, tr: Trainer, n_params: int, device: torch.device, precision: 
         "best_test_acc": best.get("test_acc", tr.best_acc if key == "test_acc" else None),
         "best_epoch": tr.best_epoch,
         "final_test_acc": final.get("test_acc"),
+        "tta_hflip": tta_hflip_on(tr.cfg["trainer"], tr.cfg["data"]),  # how every *_acc above was scored
         "time_to_acc": time_to_acc(rows),
         "parameters": n_params, "device": str(device), "device_name": _device_name(device),
         "world_size": tr.dist.world, "precision": precision, "wall_time_s": wall,

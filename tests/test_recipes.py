@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 
 from resnet_cli import build_model
 from resnet_cli.cli import compose
-from resnet_cli.config import check_values
+from resnet_cli.config import ConfigError, check_values, tta_hflip_on
 from resnet_cli.models import stage_sizes
 from resnet_cli.models.resnet import ModelSpec
 
@@ -26,6 +26,30 @@ def test_cpu_recipe_trains_a_small_resnet_at_native_size():
     assert spec.stem == "cifar" and stage_sizes(spec, 1, 28)[-1][1][-2:] == (7, 7)  # no early downsampling
     params = sum(p.numel() for p in build_model(spec, in_channels=1, num_classes=10).parameters())
     assert params < 11_000_000 // 10  # far below ResNet-18's 11M: a CPU finishes it while you wait
+
+
+@pytest.mark.parametrize("overrides, on", [
+    ([], True),                                   # the default recipe: Fashion-MNIST, flipped in training
+    (["experiment=cpu"], True),
+    (["data=mnist"], False),                      # a mirrored digit is another glyph: never flipped
+    (["data.augment=none"], False),               # no augmentation asked for: plain evaluation too
+    (["experiment=d2l"], False),                  # the reference scores plain images
+    (["data=mnist", "trainer.tta_hflip=true"], True),
+    (["trainer.tta_hflip=false"], False),
+])
+def test_flip_tta_follows_the_training_flips_unless_set(overrides, on):
+    cfg = OmegaConf.to_container(compose("train", overrides), resolve=True)
+    check_values(cfg)
+    assert tta_hflip_on(cfg["trainer"], cfg["data"]) is on
+
+
+def test_flip_tta_reads_old_checkpoints_and_refuses_other_values():
+    data = {"hflip": True, "augment": "standard"}
+    assert tta_hflip_on({"tta_hflip": True}, {}) and not tta_hflip_on({"tta_hflip": False}, data)
+    assert not tta_hflip_on({}, data)  # checkpoints from before TTA: scored plain
+    cfg = OmegaConf.to_container(compose("train", ["trainer.tta_hflip=mirror"]), resolve=True)
+    with pytest.raises(ConfigError, match=r"^trainer.tta_hflip=mirror: choose from auto, true, false$"):
+        check_values(cfg)
 
 
 @pytest.mark.parametrize("recipe", ["seeds", "[cpu,seeds]", "[depth_lr_sweep,seeds]"])

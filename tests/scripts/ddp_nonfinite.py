@@ -3,6 +3,7 @@ With skip_nonfinite every rank must skip that step together (a rank that skips i
 while the other waits in the all-reduce hangs the job); without it every rank must stop at it."""
 
 import datetime
+import gc
 import json
 import sys
 
@@ -38,4 +39,9 @@ dist.broadcast(ref, src=0)
 out["identical"] = bool(torch.equal(flat, ref))
 out["finite"] = bool(torch.isfinite(flat).all())
 print("RESULT " + json.dumps(out), flush=True)
+# DDP goes before its process group: a Reducer that outlives the destroyed Gloo group can
+# abort the process at exit ("terminate called without an active exception"; 3 runs in 8
+# on a loaded 2-core machine).
+del ddp, ctx, opt
+gc.collect()
 dist.destroy_process_group()

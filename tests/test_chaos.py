@@ -18,7 +18,7 @@ from resnet_cli.checkpoint import load_checkpoint
 
 from conftest import command, run_cli
 
-# 8 steps per epoch, 6 epochs, a checkpoint after every step; about 0.1 s per step on 2 cores.
+# 8 steps per epoch, 6 epochs, a checkpoint after every step; 0.02-0.1 s per step on 2 cores.
 CHAOS = ["data=synthetic", "data.train_size=128", "data.test_size=32", "batch_size=16", "model=resnet20",
          "model.layers=[1,1,1]", "epochs=6", "trainer.progress=none", "trainer.checkpoint_every_steps=1",
          "data.augment=standard", "trainer.eval_batch_size=32", "trainer.precision=fp32"]
@@ -48,6 +48,10 @@ def test_sigkill_at_random_moments_then_resume_equals_an_uninterrupted_run(tmp_p
     straight = tmp_path / "straight"
     run_cli("resnet-train", *CHAOS, f"hydra.run.dir={straight}", cwd=tmp_path, check=True)
 
+    # Kill windows in steps, not seconds: on a fast machine a fixed 0.3 s is many steps and the
+    # run could end before its tenth kill. Every life makes at most ~3 of the 48 steps.
+    epoch_s = [json.loads(x)["epoch_time_s"] for x in (straight / "metrics.jsonl").read_text().splitlines()]
+    step_s = sorted(epoch_s)[len(epoch_s) // 2] / 8
     run = tmp_path / "chaos"
     rng = random.Random(11)
     kills, args = 0, [*CHAOS, f"hydra.run.dir={run}"]
@@ -56,13 +60,12 @@ def test_sigkill_at_random_moments_then_resume_equals_an_uninterrupted_run(tmp_p
         before = _mtime(last)
         proc = subprocess.Popen([command("resnet-train"), *args], cwd=tmp_path, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE, text=True)
-        if rng.random() < 0.2:  # now and then during start-up or the resume itself
-            time.sleep(rng.uniform(0.5, 4.0))
-        else:  # mostly once this life has written a checkpoint: then anywhere in the steps and writes
-            deadline = time.time() + 120
-            while _mtime(last) == before and proc.poll() is None and time.time() < deadline:
-                time.sleep(0.01)
-            time.sleep(rng.uniform(0.0, 0.3))
+        startup = rng.random() < 0.2  # now and then during start-up or the resume itself
+        deadline = time.time() + (rng.uniform(0.5, 4.0) if startup else 120)
+        while _mtime(last) == before and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.01)
+        if not startup:  # mostly once this life has written a checkpoint: anywhere in the steps and writes
+            time.sleep(rng.uniform(0.0, 2 * step_s))
         if proc.poll() is not None:
             assert proc.returncode == 0, proc.stderr.read()
             pytest.fail(f"the run finished after {kills} kills; make it longer")

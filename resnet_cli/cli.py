@@ -152,7 +152,7 @@ def validate(config_name: str, overrides: list[str], multirun: bool) -> DictConf
             check_trackers(cfg.logger)
             from .finetune import check as check_finetune
 
-            check_finetune(cfg.model, cfg.scheduler, resuming=bool(cfg.resume))
+            check_finetune(cfg.model, resuming=bool(cfg.resume))
     return cfg
 
 

@@ -32,19 +32,13 @@ def part_names(num_stages: int) -> list[str]:
     return ["stem"] + [f"layer{i + 1}" for i in range(num_stages)] + [HEAD]
 
 
-def check(model_cfg: Mapping[str, Any], scheduler_cfg: Mapping[str, Any], resuming: bool) -> None:
+def check(model_cfg: Mapping[str, Any], resuming: bool) -> None:
     """The fine-tuning keys, before anything is loaded (the weights' shapes are checked
     once the model is built)."""
     check_freeze(list(model_cfg.get("freeze") or []), len(model_cfg["layers"]))
     scale = model_cfg.get("backbone_lr_scale")
-    if scale is not None:
-        if not scale > 0:
-            raise ModelConfigError(f"model.backbone_lr_scale={scale}: must be > 0 (or null: the same lr)")
-        if scheduler_cfg.get("min_lr_ratio"):
-            # CosineAnnealingLR has one eta_min for every param group, so the backbone's
-            # floor would be the classifier's.
-            raise ModelConfigError(f"model.backbone_lr_scale={scale}: cannot be combined with "
-                                   f"scheduler.min_lr_ratio={scheduler_cfg['min_lr_ratio']}; set one of them to 0/null")
+    if scale is not None and not scale > 0:
+        raise ModelConfigError(f"model.backbone_lr_scale={scale}: must be > 0 (or null: the same lr)")
     path = model_cfg.get("init_from")
     if path and not resuming and not Path(path).expanduser().is_file():
         raise ModelConfigError(f"model.init_from={path}: no such file")

@@ -7,6 +7,8 @@ state_dicts hold plain numbers (safe to load with weights_only=True).
 
 from __future__ import annotations
 
+import math
+
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import (ConstantLR, CosineAnnealingLR, LinearLR, LRScheduler, MultiStepLR,
                                       OneCycleLR, SequentialLR)
@@ -35,9 +37,30 @@ def cosine(optimizer: Optimizer, *, total_steps: int, steps_per_epoch: int, warm
            warmup_start: float = 0.1, min_lr_ratio: float = 0.0, max_warmup_fraction: float = 1.0) -> LRScheduler:
     """Linear warmup, then cosine decay to min_lr_ratio * lr at the last step."""
     warmup = warmup_steps(warmup_epochs, steps_per_epoch, total_steps, max_warmup_fraction)
-    base = optimizer.param_groups[0]["lr"]
-    main = CosineAnnealingLR(optimizer, T_max=max(total_steps - warmup, 1), eta_min=base * min_lr_ratio)
+    t_max = max(total_steps - warmup, 1)
+    # A floor of 0 is every param group's floor, so torch's own scheduler serves; a floor above
+    # 0 is each group's own fraction (a fine-tuned backbone's lr is lower than the head's).
+    main = (CosineAnnealingLR(optimizer, T_max=t_max) if min_lr_ratio == 0
+            else CosineToFloor(optimizer, T_max=t_max, min_lr_ratio=min_lr_ratio))
     return _with_warmup(optimizer, main, warmup, warmup_start)
+
+
+class CosineToFloor(CosineAnnealingLR):
+    """Cosine decay from each param group's lr to min_lr_ratio times that lr. torch's
+    CosineAnnealingLR has one eta_min for all groups: a backbone at a tenth of the head's lr
+    (model.backbone_lr_scale) would end at the head's floor. Closed form, so a resumed run
+    (load_state_dict restores last_epoch and base_lrs) continues on the same curve."""
+
+    def __init__(self, optimizer: Optimizer, T_max: int, min_lr_ratio: float, last_epoch: int = -1):
+        self.min_lr_ratio = min_lr_ratio
+        super().__init__(optimizer, T_max=T_max, eta_min=0.0, last_epoch=last_epoch)
+
+    def get_lr(self) -> list[float]:
+        t = min(max(self.last_epoch, 0), self.T_max)
+        factor = self.min_lr_ratio + (1 - self.min_lr_ratio) * (1 + math.cos(math.pi * t / self.T_max)) / 2
+        return [base * factor for base in self.base_lrs]
+
+    _get_closed_form_lr = get_lr  # what step(epoch) uses (SequentialLR at its milestone)
 
 
 def step(optimizer: Optimizer, *, total_steps: int, steps_per_epoch: int, milestones: list[float] = (0.5, 0.75),

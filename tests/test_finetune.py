@@ -172,7 +172,7 @@ def test_backbone_lr_scale_holds_through_the_schedule():
 ])
 def test_bad_keys_are_refused_before_anything_runs(keys, needle, tmp_path):
     with pytest.raises(ModelConfigError, match=needle.replace("[", r"\[").replace("]", r"\]")):
-        check(cfg(**keys), {}, resuming=False)
+        check(cfg(**keys), resuming=False)
     override = {"freeze": "model.freeze=[stem,layer9]", "backbone_lr_scale": "model.backbone_lr_scale=0",
                 "init_from": "model.init_from=/nonexistent/resnet18.pth"}[next(iter(keys))]
     proc = run_cli("resnet-train", "data=synthetic", override, cwd=tmp_path)

@@ -58,6 +58,38 @@ def test_cosine_warmup_cap_and_min_lr_are_keys():
     assert uncapped == pytest.approx([cosine_formula(k, total, 40) for k in range(total)], rel=1e-9)
 
 
+def test_cosine_floor_is_each_param_groups_own_and_resumes_on_its_curve():
+    # A fine-tuned backbone at a tenth of the head's lr (model.backbone_lr_scale=0.1) decays to
+    # a tenth of its own lr, not to the head's floor.
+    cfg = OmegaConf.to_container(compose("train", ["scheduler.min_lr_ratio=0.1"]), resolve=True)
+    head, backbone = torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))
+
+    def build():
+        opt = torch.optim.SGD([{"params": [head], "lr": BASE}, {"params": [backbone], "lr": BASE / 10}], lr=BASE)
+        return opt, build_scheduler(opt, cfg["scheduler"], 10, 5)
+
+    opt, sched = build()
+    curve = []
+    for k in range(50):
+        curve.append([g["lr"] for g in opt.param_groups])
+        if k == 20:
+            saved_opt, saved = opt.state_dict(), sched.state_dict()
+        opt.step()
+        sched.step()
+    curve.append([g["lr"] for g in opt.param_groups])
+    expected = [cosine_formula(k, 50, 5, min_ratio=0.1) for k in range(51)]
+    assert [h for h, _ in curve] == pytest.approx(expected, rel=1e-9)
+    assert [b for _, b in curve] == pytest.approx([e / 10 for e in expected], rel=1e-9)
+    assert curve[50] == pytest.approx([0.1 * BASE, 0.1 * BASE / 10], rel=1e-9)  # each at its own floor
+    opt, sched = build()  # a resumed run: state loaded after step 20, as resume does
+    opt.load_state_dict(saved_opt)
+    sched.load_state_dict(saved)
+    for k in range(21, 51):
+        opt.step()
+        sched.step()
+        assert [g["lr"] for g in opt.param_groups] == curve[k], k
+
+
 @pytest.mark.parametrize("warmup_epochs,warmup", [(0, 0), (1, 6)])
 def test_step_follows_its_formula(warmup_epochs, warmup):
     spe, epochs = 12, 5  # 60 steps: warmup capped at 6, milestones at steps 30 and 45

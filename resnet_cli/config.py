@@ -85,6 +85,9 @@ class TrainerConfig:
     # auto: on for single-process CUDA runs without trainer.compile; a step that is not
     # launch-bound (issue 12). A string: a command-line true/false arrives as "True"/"False".
     cuda_graphs: str = "auto"  # auto | true | false
+    # CUDA: make the next batch on a side stream while the step runs (same batches); false
+    # keeps it on the step's stream, to measure what the overlap gains or to rule it out.
+    prefetch: bool = True
 
 
 @dataclass

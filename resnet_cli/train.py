@@ -481,8 +481,8 @@ def _loop(tr: Trainer, clock: Clock, stop: StopSignals, precision: str, steps_pe
             clock.training_starts()
             busy = tr.writer.busy_seconds
             t_train = time.perf_counter()
-            run = train_one_epoch(tr.model, prefetched(tr.data.train.batches(epoch, tr.step), device), tr.ctx,
-                                  epoch, tr.running, on_step, should_stop)
+            batches = prefetched(tr.data.train.batches(epoch, tr.step), device, bool(tcfg["prefetch"]))
+            run = train_one_epoch(tr.model, batches, tr.ctx, epoch, tr.running, on_step, should_stop)
             # mid-epoch checkpoints are counted as checkpoint time, not as training
             clock.add("train", time.perf_counter() - t_train - (tr.writer.busy_seconds - busy))
         tr.running, tr.step = run, run.steps

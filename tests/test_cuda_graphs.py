@@ -1,7 +1,7 @@
 """The CUDA fast path's choices and fallbacks, where they can be checked without a GPU:
 when graphs are used, that a failed capture trains eagerly, that capture's warm-up leaves no
-trace, and that prefetching is the plain iterator off CUDA. tests/test_gpu.py runs the same
-paths on a GPU."""
+trace, and that prefetching is the plain iterator off CUDA or when turned off.
+tests/test_gpu.py runs the same paths on a GPU."""
 
 from __future__ import annotations
 
@@ -133,9 +133,12 @@ def test_a_failed_capture_trains_eagerly_and_says_so_once(caplog):
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), eager_model.state_dict().values()))
 
 
-def test_prefetch_off_cuda_is_the_plain_iterator():
+@pytest.mark.parametrize("device,enabled", [(CPU, True), (CUDA, False)])  # off CUDA, or trainer.prefetch=false
+def test_prefetch_off_is_the_plain_iterator(device, enabled):
     batches = _batches(2, 4, 3)
-    got = list(prefetched(batches, CPU))
+    source = iter(batches)
+    assert prefetched(source, device, enabled) is source  # no side stream is ever made
+    got = list(prefetched(batches, device, enabled))
     assert len(got) == 3 and all(a is c and b is d for (a, b), (c, d) in zip(got, batches))
 
 

@@ -15,9 +15,10 @@ import torch
 Batch = tuple[torch.Tensor, torch.Tensor]
 
 
-def prefetched(batches: Iterable[Batch], device: torch.device) -> Iterator[Batch]:
-    """`batches`, one batch ahead on a side CUDA stream; elsewhere the plain iterator."""
-    if device.type != "cuda":
+def prefetched(batches: Iterable[Batch], device: torch.device, enabled: bool = True) -> Iterator[Batch]:
+    """`batches`, one batch ahead on a side CUDA stream; elsewhere (or not enabled: the
+    trainer.prefetch key) the plain iterator."""
+    if device.type != "cuda" or not enabled:
         return iter(batches)
     return _side_stream(iter(batches), device)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping, Optional
 
 from hydra.core.config_store import ConfigStore
@@ -133,6 +133,11 @@ class TrainConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     summary: SummaryConfig = field(default_factory=SummaryConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+
+
+def schema_defaults() -> dict[str, Any]:
+    """Every typed key's default, as plain containers."""
+    return asdict(TrainConfig())
 
 
 def register_schemas() -> None:

@@ -28,7 +28,7 @@ from torch import nn
 from . import cuda_graphs, distributed, finetune
 from .checkpoint import (CheckpointWriter, atomic_write_json, load_checkpoint, remove_stale_temp_files,
                          resolve_resume)
-from .config import ConfigError, check_values, tta_hflip_on
+from .config import ConfigError, check_values, schema_defaults, tta_hflip_on
 from .data import Data, load_data, resolve_pipeline
 from .data.prefetch import prefetched
 from .distributed import DistInfo
@@ -46,8 +46,8 @@ log = logging.getLogger("resnet_cli")
 # Keys that may differ between a checkpoint and the run that resumes it: they change how
 # (or how long) the run goes on, not what it computes up to the checkpoint.
 RESUMABLE = ("epochs", "resume", "trainer.device", "trainer.progress", "trainer.checkpoint_every_steps",
-             "trainer.eval_batch_size", "trainer.compile", "trainer.cuda_graphs", "data.root", "data.cache_dir",
-             "data.download", "data.num_workers", "summary", "logger")
+             "trainer.eval_batch_size", "trainer.compile", "trainer.cuda_graphs", "trainer.prefetch", "data.root",
+             "data.cache_dir", "data.download", "data.num_workers", "summary", "logger")
 
 
 class StopSignals:
@@ -177,12 +177,19 @@ def flat_items(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def check_resume_compatible(now: dict[str, Any], then: dict[str, Any], ckpt: Path) -> None:
     a, b = flat_items(then), flat_items(now)
+    # A key added since the checkpoint was written ran as its default (a new key's default
+    # keeps the behaviour from before it existed), so an older run still resumes.
+    defaults = flat_items(schema_defaults())
+    # tta_hflip compares by what it does: an older checkpoint holds a bool where `auto` is now.
+    same = {"trainer.tta_hflip": lambda: tta_hflip_on(then.get("trainer", {}), then.get("data", {}))
+            == tta_hflip_on(now["trainer"], now["data"])}
     for key in sorted(set(a) | set(b)):
         if any(key == r or key.startswith(r + ".") for r in RESUMABLE):
             continue
-        if a.get(key) != b.get(key):
+        old = a[key] if key in a else defaults.get(key)
+        if not (same[key]() if key in same else old == b.get(key)):
             raise ConfigError(
-                f"{key}={b.get(key)}: differs from the checkpoint being resumed ({ckpt}: {key}={a.get(key)}); "
+                f"{key}={b.get(key)}: differs from the checkpoint being resumed ({ckpt}: {key}={old}); "
                 f"resume with the same value, or start a new run")
 
 

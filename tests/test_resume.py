@@ -4,6 +4,7 @@ bad checkpoints, unwritable folders, and one-line errors for bad command lines."
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import time
@@ -116,6 +117,32 @@ def test_resume_with_a_different_model_names_the_difference(uninterrupted, tmp_p
     assert proc.stderr.startswith("error: model.") and "differs from the checkpoint" in proc.stderr
     assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
     assert (uninterrupted / "metrics.jsonl").read_bytes() == before
+
+
+def test_a_checkpoint_from_before_a_key_existed_resumes_as_its_default():
+    from omegaconf import OmegaConf
+
+    from resnet_cli.cli import compose
+    from resnet_cli.config import ConfigError
+    from resnet_cli.train import check_resume_compatible
+
+    now = OmegaConf.to_container(compose("train", []), resolve=True)
+    then = json.loads(json.dumps(now))
+    del then["data"]["erase_prob"]  # keys added since: they ran as their defaults
+    del then["trainer"]["prefetch"]
+    then["trainer"]["tta_hflip"] = False  # a bool before `auto` existed
+    now["trainer"]["tta_hflip"] = "false"  # a command-line false
+    check_resume_compatible(now, then, Path("last.pt"))
+    now["trainer"]["prefetch"] = False  # how batches are made, not which: may change
+    check_resume_compatible(now, then, Path("last.pt"))
+    for key, value, needle in [("tta_hflip", "auto", "trainer.tta_hflip=auto: differs from the checkpoint being "
+                                "resumed (last.pt: trainer.tta_hflip=False)"),
+                               ("erase_prob", 0.25, "data.erase_prob=0.25: differs from the checkpoint being "
+                                "resumed (last.pt: data.erase_prob=0.0)")]:
+        changed = json.loads(json.dumps(now))
+        changed["trainer" if key == "tta_hflip" else "data"][key] = value
+        with pytest.raises(ConfigError, match=re.escape(needle)):
+            check_resume_compatible(changed, then, Path("last.pt"))
 
 
 def test_resume_may_extend_epochs(uninterrupted, tmp_path):

@@ -87,8 +87,11 @@ def _close_key(key: str) -> str:
     return hint + f" (keys{' of ' + where if where else ''}: {', '.join(node.keys())})"
 
 
-def compose(config_name: str, overrides: list[str], with_hydra: bool = False) -> DictConfig:
-    """The config Hydra would give the app, composed without running it (no run folder)."""
+def compose(config_name: str, overrides: list[str], with_hydra: bool = False,
+            primary_dir: str | None = None) -> DictConfig:
+    """The config Hydra would give the app, composed without running it (no run folder).
+    primary_dir: the folder of a primary config of the user's (--config-dir); the package's
+    configs are then on the search path, as `resnet-train --config-dir` has them."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
@@ -96,7 +99,9 @@ def compose(config_name: str, overrides: list[str], with_hydra: bool = False) ->
     from .paths import config_dir
 
     register_schemas()
-    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3", job_name=config_name):
+    if primary_dir:
+        overrides = [f"hydra.searchpath=[{_quote('file://' + str(config_dir()))}]", *overrides]
+    with initialize_config_dir(config_dir=primary_dir or str(config_dir()), version_base="1.3", job_name=config_name):
         try:
             return hydra_compose(config_name=config_name, overrides=overrides, return_hydra_config=with_hydra)
         except Exception as e:  # Hydra and OmegaConf raise many types; all are bad input here
@@ -122,7 +127,7 @@ def _sweep_jobs(overrides: list[str], limit: int = 256) -> list[list[str]]:
     return [[o for o in overrides if "," not in o.split("=", 1)[-1] and "(" not in o.split("=", 1)[-1]]]
 
 
-def validate(config_name: str, overrides: list[str], multirun: bool) -> DictConfig:
+def validate(config_name: str, overrides: list[str], multirun: bool, primary_dir: str | None = None) -> DictConfig:
     """Compose and check every job's config (a sweep's too); returns the last one. The run
     folder is checked separately (`check_output_folder`)."""
     from .config import check_values
@@ -131,7 +136,7 @@ def validate(config_name: str, overrides: list[str], multirun: bool) -> DictConf
     jobs = _sweep_jobs(overrides) if multirun else [overrides]
     cfg = None
     for job in jobs:
-        cfg = compose(config_name, job)
+        cfg = compose(config_name, job, primary_dir=primary_dir)
         try:  # interpolations and required (???) values
             OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
         except Exception as e:
@@ -141,7 +146,7 @@ def validate(config_name: str, overrides: list[str], multirun: bool) -> DictConf
             from .models import ModelSpec
 
             ModelSpec.from_mapping(OmegaConf.to_container(cfg.model, resolve=True)).validate()
-        if config_name == "train":
+        if "trainer" in cfg:  # train.yaml, or a primary config of the user's built on it
             check_available(cfg.data.name, cfg.data.root, cfg.data.download)
             from .cuda_graphs import decide
             from .engine import resolve_device
@@ -222,7 +227,9 @@ def prepare_train_argv(argv: list[str], dinfo) -> tuple[list[str], Path | None]:
             old = [o for o in OmegaConf.load(previous) if not str(o).startswith(("resume=", "hydra"))]
             overrides = [str(o) for o in old] + overrides
         extra = [f"hydra.run.dir={_quote(str(run_dir))}", "hydra.output_subdir=null"]
-    cfg = validate("train", overrides + search, multirun)
+    name, primary_dir = _primary_config(flags, config_dir)
+    # A primary config of the user's is composed from their folder, with ours on the search path.
+    cfg = validate(name, overrides + ([] if primary_dir else search), multirun, primary_dir)
     folder = check_output_folder(overrides + search, multirun)
     sweep_dir = None
     if multirun:
@@ -241,6 +248,39 @@ def prepare_train_argv(argv: list[str], dinfo) -> tuple[list[str], Path | None]:
         if not dinfo.is_main:
             extra += ["hydra.output_subdir=null", "hydra/job_logging=disabled"]
     return flags + overrides + extra, sweep_dir
+
+
+def _flag_value(flags: list[str], names: tuple[str, ...]) -> tuple[str, str] | None:
+    """(the flag as typed, its value) for a Hydra flag given as `--flag VALUE` or `--flag=VALUE`."""
+    for i, f in enumerate(flags):
+        name, eq, value = f.partition("=")
+        if name in names:
+            if not eq:
+                value = flags[i + 1] if i + 1 < len(flags) and not flags[i + 1].startswith("-") else ""
+            if not value:
+                raise ConfigError(f"{name}: give a value ({name} VALUE)")
+            return name, value
+    return None
+
+
+def _primary_config(flags: list[str], user_dir: str | None) -> tuple[str, str | None]:
+    """--config-name's value (default train) and the user's folder if the config is theirs;
+    refused in one line where it names no file, or another command's config (Hydra's own
+    message is several lines, or names a schema)."""
+    from .paths import config_dir
+
+    flag, name = _flag_value(flags, ("--config-name", "-cn")) or ("--config-name", "train")
+    if name.removesuffix(".yaml") in ("eval", "predict", "export"):
+        raise ConfigError(f"{flag} {name}: that is resnet-{name.removesuffix('.yaml')}'s config; "
+                          "resnet-train's is train, or one of yours built on it (--config-dir DIR)")
+    file = f"{name.removesuffix('.yaml')}.yaml"
+    if user_dir and (Path(user_dir) / file).is_file():
+        return name, user_dir
+    if not (config_dir() / file).is_file():
+        where = f"{user_dir} or {config_dir()}" if user_dir else str(config_dir())
+        raise ConfigError(f"{flag} {name}: no {file} in {where}; "
+                          "resnet-train's is train, or one of yours with --config-dir DIR")
+    return name, None
 
 
 def _config_dir(flags: list[str]) -> str | None:

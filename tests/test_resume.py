@@ -145,6 +145,15 @@ def test_a_checkpoint_from_before_a_key_existed_resumes_as_its_default():
             check_resume_compatible(changed, then, Path("last.pt"))
 
 
+def test_a_primary_config_of_the_users_is_the_one_validated(tmp_path):
+    # --config-dir with --config-name: the user's own file, built on train.yaml, is checked
+    # before anything runs (not train.yaml in its place).
+    (tmp_path / "conf").mkdir()
+    (tmp_path / "conf" / "mine.yaml").write_text("defaults:\n  - train\n  - _self_\nepochs: 0\n")
+    proc = run_cli("resnet-train", "--config-dir", "conf", "--config-name", "mine", "data=synthetic", cwd=tmp_path)
+    _assert_refused(proc.returncode, proc.stdout, proc.stderr, "epochs=0: must be >= 1", tmp_path)
+
+
 def test_resume_may_extend_epochs(uninterrupted, tmp_path):
     import shutil
 
@@ -279,6 +288,9 @@ BAD_COMMAND_LINES = [
     (["hydra.run.dir=/sys/x"], "cannot create the run folder"),
     (["--config-dir"], "--config-dir: give the folder of your configs"),
     (["-cd", "nope"], "-cd nope: not a folder"),
+    (["--config-name", "nothere"], "--config-name nothere: no nothere.yaml in "),
+    (["-cn", "eval"], "-cn eval: that is resnet-eval's config"),
+    (["--config-name"], "--config-name: give a value"),
     (["-m", "lr=0.1,-1"], "lr=-1"),
 ]
 

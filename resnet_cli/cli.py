@@ -250,15 +250,17 @@ def prepare_train_argv(argv: list[str], dinfo) -> tuple[list[str], Path | None]:
     return flags + overrides + extra, sweep_dir
 
 
-def _flag_value(flags: list[str], names: tuple[str, ...]) -> tuple[str, str] | None:
-    """(the flag as typed, its value) for a Hydra flag given as `--flag VALUE` or `--flag=VALUE`."""
+def _flag_value(flags: list[str], names: tuple[str, ...], missing: str = "a value",
+                placeholder: str = "VALUE") -> tuple[str, str] | None:
+    """(the flag as typed, its value) for a Hydra flag given as `--flag VALUE` or `--flag=VALUE`;
+    a flag without a value is refused: "{flag}: give {missing} ({flag} {placeholder})"."""
     for i, f in enumerate(flags):
         name, eq, value = f.partition("=")
         if name in names:
             if not eq:
                 value = flags[i + 1] if i + 1 < len(flags) and not flags[i + 1].startswith("-") else ""
             if not value:
-                raise ConfigError(f"{name}: give a value ({name} VALUE)")
+                raise ConfigError(f"{name}: give {missing} ({name} {placeholder})")
             return name, value
     return None
 
@@ -270,10 +272,11 @@ def _primary_config(flags: list[str], user_dir: str | None) -> tuple[str, str | 
     from .paths import config_dir
 
     flag, name = _flag_value(flags, ("--config-name", "-cn")) or ("--config-name", "train")
-    if name.removesuffix(".yaml") in ("eval", "predict", "export"):
-        raise ConfigError(f"{flag} {name}: that is resnet-{name.removesuffix('.yaml')}'s config; "
+    stem = name.removesuffix(".yaml")
+    if stem in ("eval", "predict", "export"):
+        raise ConfigError(f"{flag} {name}: that is resnet-{stem}'s config; "
                           "resnet-train's is train, or one of yours built on it (--config-dir DIR)")
-    file = f"{name.removesuffix('.yaml')}.yaml"
+    file = f"{stem}.yaml"
     if user_dir and (Path(user_dir) / file).is_file():
         return name, user_dir
     if not (config_dir() / file).is_file():
@@ -285,17 +288,13 @@ def _primary_config(flags: list[str], user_dir: str | None) -> tuple[str, str | 
 
 def _config_dir(flags: list[str]) -> str | None:
     """The absolute path given with --config-dir/-cd (as `--config-dir DIR` or `--config-dir=DIR`)."""
-    for i, f in enumerate(flags):
-        name, eq, value = f.partition("=")
-        if name in ("--config-dir", "-cd"):
-            if not eq:
-                value = flags[i + 1] if i + 1 < len(flags) else ""
-            if not value:
-                raise ConfigError(f"{name}: give the folder of your configs ({name} DIR)")
-            if not Path(value).expanduser().is_dir():
-                raise ConfigError(f"{name} {value}: not a folder")
-            return str(Path(value).expanduser().resolve())
-    return None
+    given = _flag_value(flags, ("--config-dir", "-cd"), "the folder of your configs", "DIR")
+    if given is None:
+        return None
+    name, value = given
+    if not Path(value).expanduser().is_dir():
+        raise ConfigError(f"{name} {value}: not a folder")
+    return str(Path(value).expanduser().resolve())
 
 
 def run_hydra_app(config_name: str, task: Callable[[DictConfig, Any], Any]) -> None:

@@ -180,14 +180,16 @@ def check_resume_compatible(now: dict[str, Any], then: dict[str, Any], ckpt: Pat
     # A key added since the checkpoint was written ran as its default (a new key's default
     # keeps the behaviour from before it existed), so an older run still resumes.
     defaults = flat_items(schema_defaults())
-    # tta_hflip compares by what it does: an older checkpoint holds a bool where `auto` is now.
-    same = {"trainer.tta_hflip": lambda: tta_hflip_on(then.get("trainer", {}), then.get("data", {}))
-            == tta_hflip_on(now["trainer"], now["data"])}
     for key in sorted(set(a) | set(b)):
         if any(key == r or key.startswith(r + ".") for r in RESUMABLE):
             continue
         old = a[key] if key in a else defaults.get(key)
-        if not (same[key]() if key in same else old == b.get(key)):
+        if key == "trainer.tta_hflip":  # by what it does: an older checkpoint holds a bool where `auto` is now
+            differs = (tta_hflip_on(then.get("trainer", {}), then.get("data", {}))
+                       != tta_hflip_on(now["trainer"], now["data"]))
+        else:
+            differs = old != b.get(key)
+        if differs:
             raise ConfigError(
                 f"{key}={b.get(key)}: differs from the checkpoint being resumed ({ckpt}: {key}={old}); "
                 f"resume with the same value, or start a new run")

@@ -206,6 +206,7 @@ def prepare_train_argv(argv: list[str], dinfo) -> tuple[list[str], Path | None]:
 
     Returns (argv for Hydra, the sweep folder of a multirun or None)."""
     from .checkpoint import load_checkpoint, resolve_resume
+    from .resume import kept_from_checkpoint, override_text
 
     flags, overrides = split_argv(argv)
     multirun = "-m" in flags or "--multirun" in flags
@@ -217,11 +218,13 @@ def prepare_train_argv(argv: list[str], dinfo) -> tuple[list[str], Path | None]:
     search = [f"hydra.searchpath=[{_quote('file://' + config_dir)}]"] if config_dir else []
     resume = next((o.split("=", 1)[1] for o in reversed(overrides) if o.startswith("resume=")), None)
     extra: list[str] = []
+    then = None  # the config of the checkpoint being resumed
     if resume and resume.lower() not in ("null", "none", ""):
         if multirun:
             raise ConfigError("resume: cannot be combined with --multirun; resume one run at a time")
         run_dir, ckpt = resolve_resume(resume)
-        load_checkpoint(ckpt)  # refuse a damaged or foreign file before anything is written
+        then = load_checkpoint(ckpt)["config"]  # a damaged or foreign file is refused before anything is written
+        typed = [_key(o) for o in overrides]
         previous = run_dir / ".hydra" / "overrides.yaml"
         if previous.is_file():
             old = [o for o in OmegaConf.load(previous) if not str(o).startswith(("resume=", "hydra"))]
@@ -230,6 +233,15 @@ def prepare_train_argv(argv: list[str], dinfo) -> tuple[list[str], Path | None]:
     name, primary_dir = _primary_config(flags, config_dir)
     # A primary config of the user's is composed from their folder, with ours on the search path.
     cfg = validate(name, overrides + ([] if primary_dir else search), multirun, primary_dir)
+    if then is not None:
+        kept = kept_from_checkpoint(OmegaConf.to_container(cfg, resolve=True), then, typed)
+        if kept:
+            for key, old, new in kept:
+                if dinfo.is_main:
+                    print(f"{override_text(key, old)}: kept from the checkpoint (the default is {new} now)",
+                          file=sys.stderr)
+                overrides.append(override_text(key, old))
+            cfg = validate(name, overrides + ([] if primary_dir else search), multirun, primary_dir)
     folder = check_output_folder(overrides + search, multirun)
     sweep_dir = None
     if multirun:

@@ -25,10 +25,10 @@ import torch
 from hydra.utils import instantiate
 from torch import nn
 
-from . import cuda_graphs, distributed, finetune
+from . import cuda_graphs, distributed, finetune, resume
 from .checkpoint import (CheckpointWriter, atomic_write_json, load_checkpoint, remove_stale_temp_files,
                          resolve_resume)
-from .config import ConfigError, check_values, schema_defaults, tta_hflip_on
+from .config import ConfigError, check_values, tta_hflip_on
 from .data import Data, load_data, resolve_pipeline
 from .data.prefetch import prefetched
 from .distributed import DistInfo
@@ -42,13 +42,6 @@ from .reporting import MetricsFile, epoch_line, epoch_progress, plot_curves, pro
 from .trackers import Trackers, with_run_names
 
 log = logging.getLogger("resnet_cli")
-
-# Keys that may differ between a checkpoint and the run that resumes it: they change how
-# (or how long) the run goes on, not what it computes up to the checkpoint.
-RESUMABLE = ("epochs", "resume", "trainer.device", "trainer.progress", "trainer.checkpoint_every_steps",
-             "trainer.eval_batch_size", "trainer.compile", "trainer.cuda_graphs", "trainer.prefetch", "data.root",
-             "data.cache_dir", "data.download", "data.num_workers", "summary", "logger")
-
 
 class StopSignals:
     """First Ctrl-C / SIGTERM: ask the loop to stop at the next step boundary and save.
@@ -162,37 +155,6 @@ def rebuild_schedule(optimizer: torch.optim.Optimizer, sched_cfg: dict[str, Any]
             for _ in range(steps_done):
                 sched.step()
     return sched
-
-
-def flat_items(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(flat_items(v, key + "."))
-        else:
-            out[key] = v
-    return out
-
-
-def check_resume_compatible(now: dict[str, Any], then: dict[str, Any], ckpt: Path) -> None:
-    a, b = flat_items(then), flat_items(now)
-    # A key added since the checkpoint was written ran as its default (a new key's default
-    # keeps the behaviour from before it existed), so an older run still resumes.
-    defaults = flat_items(schema_defaults())
-    for key in sorted(set(a) | set(b)):
-        if any(key == r or key.startswith(r + ".") for r in RESUMABLE):
-            continue
-        old = a[key] if key in a else defaults.get(key)
-        if key == "trainer.tta_hflip":  # by what it does: an older checkpoint holds a bool where `auto` is now
-            differs = (tta_hflip_on(then.get("trainer", {}), then.get("data", {}))
-                       != tta_hflip_on(now["trainer"], now["data"]))
-        else:
-            differs = old != b.get(key)
-        if differs:
-            raise ConfigError(
-                f"{key}={b.get(key)}: differs from the checkpoint being resumed ({ckpt}: {key}={old}); "
-                f"resume with the same value, or start a new run")
 
 
 def resume_command(run_dir: Path) -> str:
@@ -354,7 +316,7 @@ def _train(cfg: dict[str, Any], run_dir: Path, dinfo: DistInfo, stop: StopSignal
         # to host memory: load_state_dict copies to the parameters' devices, and an optimizer
         # state loaded onto the GPU would keep Adam's step counters there (a host read per step)
         resume_ckpt = load_checkpoint(ckpt_path, map_location="cpu")
-        check_resume_compatible(cfg, resume_ckpt["config"], ckpt_path)
+        resume.check_compatible(cfg, resume_ckpt["config"], ckpt_path)
 
     seed_everything(cfg["seed"])
     configure_cuda(device, bool(tcfg["cudnn_benchmark"]))

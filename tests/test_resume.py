@@ -124,7 +124,7 @@ def test_a_checkpoint_from_before_a_key_existed_resumes_as_its_default():
 
     from resnet_cli.cli import compose
     from resnet_cli.config import ConfigError
-    from resnet_cli.train import check_resume_compatible
+    from resnet_cli.resume import check_compatible as check_resume_compatible
 
     now = OmegaConf.to_container(compose("train", []), resolve=True)
     then = json.loads(json.dumps(now))
@@ -143,6 +143,60 @@ def test_a_checkpoint_from_before_a_key_existed_resumes_as_its_default():
         changed["trainer" if key == "tta_hflip" else "data"][key] = value
         with pytest.raises(ConfigError, match=re.escape(needle)):
             check_resume_compatible(changed, then, Path("last.pt"))
+
+
+def test_a_changed_default_keeps_the_checkpoints_value_unless_typed():
+    from omegaconf import OmegaConf
+
+    from resnet_cli.cli import compose
+    from resnet_cli.resume import kept_from_checkpoint
+
+    now = OmegaConf.to_container(compose("train", []), resolve=True)
+    then = json.loads(json.dumps(now))
+    then["trainer"]["tta_hflip"] = False  # the default before `auto`
+    then["trainer"]["label_smoothing"] = 0.05  # as if that default had changed too
+    kept = kept_from_checkpoint(now, then, typed=["lr"])
+    assert kept == [("trainer.label_smoothing", 0.05, now["trainer"]["label_smoothing"]),
+                    ("trainer.tta_hflip", False, "auto")]
+    # typed now: the user's value stands (and check_compatible refuses it)
+    assert [k for k, _, _ in kept_from_checkpoint(now, then, typed=["trainer.tta_hflip"])] == [
+        "trainer.label_smoothing"]
+    assert kept_from_checkpoint(now, then, typed=["trainer"]) == []
+    assert kept_from_checkpoint(now, then, typed=["experiment"]) == []  # a recipe may set anything
+
+
+@pytest.mark.parametrize("value", [None, True, False, 3, 0.1, 1e-05, "auto", "true", "10", "it's", "a\\b",
+                                   "ends\\", "q\\'", "${lr}", [1, "b", None], [0.5, [2, 3]]])
+def test_override_text_reads_back_as_the_value(value):
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf
+
+    from resnet_cli.resume import override_text
+
+    parsed = OverridesParser.create().parse_overrides([override_text("a", value)])[0].value()
+    cfg = OmegaConf.create({"a": parsed})
+    assert OmegaConf.to_container(cfg, resolve=True)["a"] == value
+
+
+def test_resume_of_a_run_from_before_a_default_changed(uninterrupted, tmp_path):
+    import shutil
+
+    run = tmp_path / "old"
+    shutil.copytree(uninterrupted, run)
+    last = run / "checkpoints" / "last.pt"
+    state = torch.load(last, weights_only=True)
+    default = state["config"]["trainer"]["label_smoothing"]
+    state["config"]["trainer"]["label_smoothing"] = 0.05  # as if written when the default was 0.05
+    del state["config"]["trainer"]["prefetch"]  # nor did this key exist
+    save_checkpoint(last, state)
+    proc = run_cli("resnet-train", f"resume={run}", "epochs=4", cwd=tmp_path, check=True)
+    assert proc.stderr == f"trainer.label_smoothing=0.05: kept from the checkpoint (the default is {default} now)\n"
+    assert load_checkpoint(last)["config"]["trainer"]["label_smoothing"] == 0.05
+    assert [r["epoch"] for r in untimed(run)] == [1, 2, 3, 4]
+    # typed on the command line, the new value is refused: the run's first epochs trained without it
+    proc = run_cli("resnet-train", f"resume={run}", "epochs=5", f"trainer.label_smoothing={default}", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith(f"error: trainer.label_smoothing={default}: differs from the checkpoint")
 
 
 def test_a_primary_config_of_the_users_is_the_one_validated(tmp_path):

@@ -161,15 +161,17 @@ def validate(config_name: str, overrides: list[str], multirun: bool, primary_dir
     return cfg
 
 
-def check_output_folder(overrides: list[str], multirun: bool) -> str:
+def check_output_folder(overrides: list[str], multirun: bool, config_name: str = "train",
+                        primary_dir: str | None = None) -> str:
     """The run folder (the sweep folder with -m) that Hydra will create, refused in one line
-    when it cannot be created. Time stamps in its name are resolved now."""
+    when it cannot be created. Time stamps in its name are resolved now. config_name and
+    primary_dir: the primary config as `compose` takes it (a user's may set hydra.run.dir)."""
     from .checkpoint import writable_folder_error
 
     # one whole job: launcher/sweeper groups (hydra/launcher=joblib, hparams_search=...) decide
     # which hydra.* keys exist, so composing the hydra.* overrides alone rejects valid ones
     job = _sweep_jobs(overrides)[0] if multirun else overrides
-    hcfg = compose("train", job, with_hydra=True).hydra
+    hcfg = compose(config_name, job, with_hydra=True, primary_dir=primary_dir).hydra
     key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
     folder = hcfg.sweep.dir if multirun else hcfg.run.dir
     why = writable_folder_error(folder)
@@ -232,7 +234,8 @@ def prepare_train_argv(argv: list[str], dinfo) -> tuple[list[str], Path | None]:
         extra = [f"hydra.run.dir={_quote(str(run_dir))}", "hydra.output_subdir=null"]
     name, primary_dir = _primary_config(flags, config_dir)
     # A primary config of the user's is composed from their folder, with ours on the search path.
-    cfg = validate(name, overrides + ([] if primary_dir else search), multirun, primary_dir)
+    search = [] if primary_dir else search
+    cfg = validate(name, overrides + search, multirun, primary_dir)
     if then is not None:
         kept = kept_from_checkpoint(OmegaConf.to_container(cfg, resolve=True), then, typed)
         if kept:
@@ -241,8 +244,8 @@ def prepare_train_argv(argv: list[str], dinfo) -> tuple[list[str], Path | None]:
                     print(f"{override_text(key, old)}: kept from the checkpoint (the default is {new} now)",
                           file=sys.stderr)
                 overrides.append(override_text(key, old))
-            cfg = validate(name, overrides + ([] if primary_dir else search), multirun, primary_dir)
-    folder = check_output_folder(overrides + search, multirun)
+            cfg = validate(name, overrides + search, multirun, primary_dir)
+    folder = check_output_folder(overrides + search, multirun, name, primary_dir)
     sweep_dir = None
     if multirun:
         # Its default name holds ${now:...}: resolved once here, so Hydra writes where we read.
@@ -255,8 +258,9 @@ def prepare_train_argv(argv: list[str], dinfo) -> tuple[list[str], Path | None]:
         from . import distributed
 
         distributed.init(dinfo, str(cfg.trainer.device))
-        if not any(_key(o) == "hydra.run.dir" for o in overrides + extra):
-            extra.append(f"hydra.run.dir={_quote(distributed.shared_run_dir(dinfo))}")
+        if not any(_key(o) == "hydra.run.dir" for o in extra):  # resume= has set it
+            # rank 0's folder as checked above (the user's primary config may name it)
+            extra.append(f"hydra.run.dir={_quote(distributed.from_rank0(os.path.abspath(folder)))}")
         if not dinfo.is_main:
             extra += ["hydra.output_subdir=null", "hydra/job_logging=disabled"]
     return flags + overrides + extra, sweep_dir

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from datetime import datetime
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -58,12 +57,12 @@ def init(info: DistInfo, device: str = "auto") -> None:
     dist.init_process_group(backend=backend_for(device))
 
 
-def shared_run_dir(info: DistInfo, pattern: str = "outputs/%Y-%m-%d/%H-%M-%S") -> str:
-    """Rank 0's timestamped folder, broadcast: Hydra would otherwise give each rank its own
-    (they start at slightly different times)."""
-    value = [os.path.abspath(datetime.now().strftime(pattern)) if info.is_main else None]
-    dist.broadcast_object_list(value, src=0)
-    return value[0]
+def from_rank0(value: Any) -> Any:
+    """Rank 0's value, on every rank: a run folder whose name holds a time stamp (Hydra would
+    give each rank its own, as they start at slightly different times)."""
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def shutdown() -> None:

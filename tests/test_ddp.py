@@ -49,6 +49,17 @@ def test_one_run_dir_and_identical_parameters(ddp_run):
     assert results["world_size"] == 2
 
 
+def test_all_ranks_share_the_folder_a_users_primary_config_names(tmp_path):
+    # A time stamp down to microseconds: each rank would resolve its own without rank 0's.
+    (tmp_path / "conf").mkdir()
+    (tmp_path / "conf" / "mine.yaml").write_text(
+        "defaults:\n  - train\n  - _self_\nhydra:\n  run:\n    dir: runs/${now:%H-%M-%S-%f}\n")
+    torchrun("--config-dir", "conf", "--config-name", "mine", *TINY, "epochs=1", cwd=tmp_path)
+    (run,) = [p for p in (tmp_path / "runs").iterdir()]
+    assert [r["epoch"] for r in rows(run)] == [1]
+    assert not (tmp_path / "outputs").exists()
+
+
 def test_global_accuracy_equals_a_single_process_evaluation(ddp_run, tmp_path):
     run, _ = ddp_run
     run_cli("resnet-eval", f"checkpoint={run / 'checkpoints' / 'last.pt'}", "device=cpu",

@@ -208,6 +208,25 @@ def test_a_primary_config_of_the_users_is_the_one_validated(tmp_path):
     _assert_refused(proc.returncode, proc.stdout, proc.stderr, "epochs=0: must be >= 1", tmp_path)
 
 
+def test_a_primary_config_of_the_users_names_the_folders(tmp_path):
+    # Its hydra.run.dir is the folder checked (here it holds a run: refused), and a sweep goes
+    # to its hydra.sweep.dir, where the summary is written.
+    (tmp_path / "conf").mkdir()
+    (tmp_path / "conf" / "mine.yaml").write_text(
+        "defaults:\n  - train\n  - _self_\nhydra:\n  run:\n    dir: runs/fixed\n"
+        "  sweep:\n    dir: sweeps/mine\n")
+    (tmp_path / "runs" / "fixed").mkdir(parents=True)
+    (tmp_path / "runs" / "fixed" / "metrics.jsonl").write_text("{}\n")
+    mine = ["--config-dir", "conf", "--config-name", "mine"]
+    proc = run_cli("resnet-train", *mine, *TINY, "epochs=1", cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr.startswith(
+        "error: hydra.run.dir=runs/fixed: holds a run already (metrics.jsonl)"), proc.stderr
+    assert (tmp_path / "runs" / "fixed" / "metrics.jsonl").read_text() == "{}\n"
+    run_cli("resnet-train", "-m", *mine, *TINY, "epochs=1", "seed=0,1", cwd=tmp_path, check=True)
+    assert (tmp_path / "sweeps" / "mine" / "summary.csv").is_file()
+    assert len(list((tmp_path / "sweeps" / "mine").glob("*/metrics.jsonl"))) == 2
+
+
 def test_resume_may_extend_epochs(uninterrupted, tmp_path):
     import shutil
 

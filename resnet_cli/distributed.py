@@ -98,6 +98,13 @@ class StopPoll:
         return self.agree(self.flag())
 
 
+def broadcast_buffers(module: torch.nn.Module) -> None:
+    """Rank 0's buffers (BatchNorm statistics) on every rank; nothing outside DDP."""
+    if dist.is_initialized():
+        for buf in module.buffers():
+            dist.broadcast(buf, src=0)
+
+
 def params_identical(model: torch.nn.Module) -> bool:
     """Every rank holds bit-identical parameters and buffers (DDP's promise, checked once at
     the end of a run by comparing against rank 0's copy)."""

@@ -528,6 +528,10 @@ def _finish_epoch(tr: Trainer, clock: Clock, epoch: int, t_epoch: float, precisi
     fixed = tr.cfg["trainer"]["eval_batch_size"] if device.type == "cuda" else None
     scores = _scores(tr, tr.model, "", precision, fixed)
     if tr.ctx.ema is not None:
+        # Under DDP each rank's average took in its own BatchNorm statistics (DDP broadcasts
+        # rank 0's to the model only at the next forward): score, on every rank, rank 0's
+        # average, the one its checkpoint holds.
+        distributed.broadcast_buffers(tr.ctx.ema.module)
         scores.update(_scores(tr, tr.ctx.ema.module, "ema_", precision, fixed))
     eval_time = time.perf_counter() - t_eval
     clock.add("eval", eval_time)

@@ -13,7 +13,8 @@ from conftest import run_cli
 
 # 8 steps per epoch (2 processes x 32): long enough for a signal to land inside a run.
 TINY = ["data=synthetic", "data.train_size=512", "data.test_size=100", "batch_size=32", "model=resnet20",
-        "model.layers=[1,1,1]", "trainer.progress=plain", "trainer.device=cpu", "data.augment=standard"]
+        "model.layers=[1,1,1]", "trainer.progress=plain", "trainer.device=cpu", "data.augment=standard",
+        "trainer.ema_decay=0.9"]
 
 
 def torchrun(*args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -62,11 +63,13 @@ def test_all_ranks_share_the_folder_a_users_primary_config_names(tmp_path):
 
 def test_global_accuracy_equals_a_single_process_evaluation(ddp_run, tmp_path):
     run, _ = ddp_run
-    run_cli("resnet-eval", f"checkpoint={run / 'checkpoints' / 'last.pt'}", "device=cpu",
-            f"output_dir={tmp_path}", cwd=tmp_path, check=True)
-    single = json.loads((tmp_path / "eval.json").read_text())
-    assert single["top1"] == rows(run)[-1]["test_acc"]
-    assert single["loss"] == pytest.approx(rows(run)[-1]["test_loss"], rel=1e-5)
+    for weights, prefix in (("raw", ""), ("ema", "ema_")):  # each rank scored the average as rank 0 saved it
+        out = tmp_path / weights
+        run_cli("resnet-eval", f"checkpoint={run / 'checkpoints' / 'last.pt'}", "device=cpu", f"weights={weights}",
+                f"output_dir={out}", cwd=tmp_path, check=True)
+        single = json.loads((out / "eval.json").read_text())
+        assert single["top1"] == rows(run)[-1][f"{prefix}test_acc"]
+        assert single["loss"] == pytest.approx(rows(run)[-1][f"{prefix}test_loss"], rel=1e-5)
 
 
 def test_interrupted_ddp_run_resumes_to_the_uninterrupted_result(ddp_run, tmp_path):
@@ -108,6 +111,8 @@ def test_interrupted_ddp_run_resumes_to_the_uninterrupted_result(ddp_run, tmp_pa
     a = load_checkpoint(run / "checkpoints" / "last.pt")["model"]
     b = load_checkpoint(ddp_run[0] / "checkpoints" / "last.pt")["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+    a, b = (load_checkpoint(r / "checkpoints" / "last.pt")["ema"] for r in (run, ddp_run[0]))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert len([p for p in tmp_path.glob("outputs/*/*") if p.is_dir()]) == 1  # no new run folder
 
 

@@ -226,6 +226,10 @@ def prepare_train_argv(argv: list[str], dinfo) -> tuple[list[str], Path | None]:
             raise ConfigError("resume: cannot be combined with --multirun; resume one run at a time")
         run_dir, ckpt = resolve_resume(resume)
         then = load_checkpoint(ckpt)["config"]  # a damaged or foreign file is refused before anything is written
+        if not any(f.split("=")[0] in ("--config-dir", "-cd", "--config-name", "-cn") for f in flags):
+            flags = flags + _run_config_flags(run_dir)
+            config_dir = _config_dir(flags)
+            search = [f"hydra.searchpath=[{_quote('file://' + config_dir)}]"] if config_dir else []
         typed = [_key(o) for o in overrides]
         previous = run_dir / ".hydra" / "overrides.yaml"
         if previous.is_file():
@@ -300,6 +304,27 @@ def _primary_config(flags: list[str], user_dir: str | None) -> tuple[str, str | 
         raise ConfigError(f"{flag} {name}: no {file} in {where}; "
                           "resnet-train's is train, or one of yours with --config-dir DIR")
     return name, None
+
+
+def _run_config_flags(run_dir: Path) -> list[str]:
+    """The --config-dir and --config-name a run was started with, from Hydra's record of it
+    (.hydra/hydra.yaml), so that `resume=DIR` alone continues a run made from configs of the
+    user's; [] for a run from resnet-cli's own configs."""
+    record = run_dir / ".hydra" / "hydra.yaml"
+    if not record.is_file():
+        return []
+    hydra = OmegaConf.load(record).get("hydra", {})
+    flags = []
+    sources = OmegaConf.select(hydra, "runtime.config_sources", default=[]) or []
+    for folder in [s.get("path") for s in sources if s.get("provider") == "command-line"][:1]:
+        if not Path(folder).is_dir():
+            raise ConfigError(f"resume={run_dir}: the run read configs from {folder} (--config-dir), which is not "
+                              "a folder any more; restore it, or pass --config-dir with where it is now")
+        flags += ["--config-dir", folder]
+    name = OmegaConf.select(hydra, "job.config_name", default="train")
+    if name and name != "train":
+        flags += ["--config-name", str(name)]
+    return flags
 
 
 def _config_dir(flags: list[str]) -> str | None:

@@ -227,6 +227,26 @@ def test_a_primary_config_of_the_users_names_the_folders(tmp_path):
     assert len(list((tmp_path / "sweeps" / "mine").glob("*/metrics.jsonl"))) == 2
 
 
+def test_resume_alone_continues_a_run_made_from_the_users_configs(tmp_path):
+    # --config-dir and --config-name come from the run's .hydra record: resume=DIR is enough.
+    (tmp_path / "conf" / "model").mkdir(parents=True)
+    (tmp_path / "conf" / "model" / "tiny.yaml").write_text("defaults:\n  - resnet20\n  - _self_\nlayers: [1, 1, 1]\n")
+    (tmp_path / "conf" / "mine.yaml").write_text("defaults:\n  - train\n  - _self_\nepochs: 1\n")
+    tiny = [o for o in TINY if not o.startswith(("model", "epochs"))]
+    run_cli("resnet-train", "--config-dir", "conf", "--config-name", "mine", "model=tiny", *tiny, cwd=tmp_path,
+            check=True)
+    run = only_run(tmp_path)
+    run_cli("resnet-train", f"resume={run}", "epochs=2", cwd=tmp_path, check=True)
+    assert [r["epoch"] for r in untimed(run)] == [1, 2]
+    (tmp_path / "conf").rename(tmp_path / "moved")
+    proc = run_cli("resnet-train", f"resume={run}", "epochs=3", cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stderr.startswith(f"error: resume={run}: the run read configs from {tmp_path / 'conf'} (--config-dir)")
+    run_cli("resnet-train", "--config-dir", "moved", "--config-name", "mine", f"resume={run}", "epochs=3",
+            cwd=tmp_path, check=True)
+    assert [r["epoch"] for r in untimed(run)] == [1, 2, 3]
+
+
 def test_resume_may_extend_epochs(uninterrupted, tmp_path):
     import shutil
 

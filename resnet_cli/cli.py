@@ -162,10 +162,11 @@ def validate(config_name: str, overrides: list[str], multirun: bool, primary_dir
 
 
 def check_output_folder(overrides: list[str], multirun: bool, config_name: str = "train",
-                        primary_dir: str | None = None) -> str:
+                        primary_dir: str | None = None, new_run: bool = True) -> str:
     """The run folder (the sweep folder with -m) that Hydra will create, refused in one line
-    when it cannot be created. Time stamps in its name are resolved now. config_name and
-    primary_dir: the primary config as `compose` takes it (a user's may set hydra.run.dir)."""
+    when it cannot be created, or when a new run would go into a folder that holds runs.
+    Time stamps in its name are resolved now. config_name and primary_dir: the primary config
+    as `compose` takes it (a user's may set hydra.run.dir)."""
     from .checkpoint import writable_folder_error
 
     # one whole job: launcher/sweeper groups (hydra/launcher=joblib, hparams_search=...) decide
@@ -178,13 +179,19 @@ def check_output_folder(overrides: list[str], multirun: bool, config_name: str =
     if why:
         raise ConfigError(f"{key}={folder}: cannot create the run folder ({why}); "
                           "run from a writable folder or set hydra.run.dir=")
-    if not multirun:
-        # A second run started into a run's folder would append to its metrics and replace its
-        # checkpoints: only resume= may continue a run.
-        held = [n for n in ("checkpoints/last.pt", "metrics.jsonl") if (Path(folder) / n).exists()]
+    # A second run started into a run's folder would append to its metrics and replace its
+    # checkpoints: only resume= may continue a run. A sweep's jobs are its subfolders.
+    names = ("checkpoints/last.pt", "metrics.jsonl")
+    if new_run and not multirun:
+        held = [n for n in names if (Path(folder) / n).exists()]
         if held:
             raise ConfigError(f"{key}={folder}: holds a run already ({held[0]}); continue it with "
                               f"resume={folder}, or choose another folder")
+    if multirun:
+        held = sorted(str(p.relative_to(folder)) for n in names for p in Path(folder).glob(f"*/{n}"))
+        if held:
+            raise ConfigError(f"{key}={folder}: holds a sweep's runs already ({held[0]}); choose another "
+                              f"folder (each job can be continued with resume={Path(folder) / Path(held[0]).parts[0]})")
     return str(folder)
 
 
@@ -208,7 +215,7 @@ def prepare_train_argv(argv: list[str], dinfo) -> tuple[list[str], Path | None]:
 
     Returns (argv for Hydra, the sweep folder of a multirun or None)."""
     from .checkpoint import load_checkpoint, resolve_resume
-    from .resume import kept_from_checkpoint, override_text
+    from .resume import check_compatible, check_length, kept_from_checkpoint, kept_line, override_text
 
     flags, overrides = split_argv(argv)
     multirun = "-m" in flags or "--multirun" in flags
@@ -221,11 +228,13 @@ def prepare_train_argv(argv: list[str], dinfo) -> tuple[list[str], Path | None]:
     resume = next((o.split("=", 1)[1] for o in reversed(overrides) if o.startswith("resume=")), None)
     extra: list[str] = []
     then = None  # the config of the checkpoint being resumed
+    own_folder: list[str] = []
     if resume and resume.lower() not in ("null", "none", ""):
         if multirun:
             raise ConfigError("resume: cannot be combined with --multirun; resume one run at a time")
         run_dir, ckpt = resolve_resume(resume)
-        then = load_checkpoint(ckpt)["config"]  # a damaged or foreign file is refused before anything is written
+        state = load_checkpoint(ckpt)  # a damaged or foreign file is refused before anything is written
+        then = state["config"]
         if not any(f.split("=")[0] in ("--config-dir", "-cd", "--config-name", "-cn") for f in flags):
             flags = flags + _run_config_flags(run_dir)
             config_dir = _config_dir(flags)
@@ -235,7 +244,8 @@ def prepare_train_argv(argv: list[str], dinfo) -> tuple[list[str], Path | None]:
         if previous.is_file():
             old = [o for o in OmegaConf.load(previous) if not str(o).startswith(("resume=", "hydra"))]
             overrides = [str(o) for o in old] + overrides
-        extra = [f"hydra.run.dir={_quote(str(run_dir))}", "hydra.output_subdir=null"]
+        own_folder = [f"hydra.run.dir={_quote(str(run_dir))}"]
+        extra = own_folder + ["hydra.output_subdir=null"]
     name, primary_dir = _primary_config(flags, config_dir)
     # A primary config of the user's is composed from their folder, with ours on the search path.
     search = [] if primary_dir else search
@@ -243,13 +253,15 @@ def prepare_train_argv(argv: list[str], dinfo) -> tuple[list[str], Path | None]:
     if then is not None:
         kept = kept_from_checkpoint(OmegaConf.to_container(cfg, resolve=True), then, typed)
         if kept:
-            for key, old, new in kept:
-                if dinfo.is_main:
-                    print(f"{override_text(key, old)}: kept from the checkpoint (the default is {new} now)",
-                          file=sys.stderr)
-                overrides.append(override_text(key, old))
+            overrides += [override_text(key, old) for key, old, _ in kept]
             cfg = validate(name, overrides + search, multirun, primary_dir)
-    folder = check_output_folder(overrides + search, multirun, name, primary_dir)
+        check_compatible(OmegaConf.to_container(cfg, resolve=True), then, ckpt)  # what the user typed
+        check_length(cfg.epochs, state)
+        for key, old, new in kept if dinfo.is_main else []:
+            print(kept_line(key, old, new), file=sys.stderr)
+    # a resumed run goes on in its own folder, which holds it
+    folder = check_output_folder(overrides + search + own_folder, multirun, name, primary_dir,
+                                 new_run=then is None)
     sweep_dir = None
     if multirun:
         # Its default name holds ${now:...}: resolved once here, so Hydra writes where we read.

@@ -167,6 +167,9 @@ def check_values(cfg: Mapping[str, Any]) -> None:
            "must be [lo, hi] with 0 < lo <= hi <= 1")
     _check(_interval(d["erase_ratio"], float("inf")), "data.erase_ratio", list(d["erase_ratio"]),
            "must be [lo, hi] with 0 < lo <= hi")
+    if d["name"] == "synthetic":  # these sizes are the synthetic set's own; real sets have theirs
+        for key, low in (("train_size", 1), ("test_size", 1), ("num_classes", 2), ("channels", 1), ("image_size", 1)):
+            _check(d[key] >= low, f"data.{key}", d[key], f"must be >= {low}")
     _check_val_size(d, cfg["batch_size"])
     if d["std"] is not None:
         _check(all(v > 0 for v in d["std"]), "data.std", list(d["std"]), "every entry must be > 0")

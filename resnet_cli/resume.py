@@ -35,23 +35,39 @@ def _under(key: str, prefixes: tuple[str, ...] | list[str]) -> bool:
     return any(key == p or key.startswith(p + ".") for p in prefixes)
 
 
+class _Unset:
+    def __repr__(self) -> str:
+        return "unset"
+
+    __str__ = __repr__
+
+
+# A key a config does not have: in a checkpoint written before an optimizer or scheduler key
+# was added to its preset (their keys are not in the schema), or deleted from the run (~key).
+UNSET = _Unset()
+
+
 def differences(now: dict[str, Any], then: dict[str, Any]) -> Iterator[tuple[str, Any, Any]]:
     """(key, the checkpoint's value, the value now) for each key, in order, that would change
-    what the run computes. A key added since the checkpoint was written ran as its default (a
-    new key's default keeps the behaviour from before it existed), so it is compared as that."""
+    what the run computes. A schema key added since the checkpoint was written ran as its
+    schema default (a new key's default keeps the behaviour from before it existed), so it is
+    compared as that; flip TTA, from before `auto`, as off. Other keys missing from either
+    side are UNSET."""
     a, b = flat_items(then), flat_items(now)
     defaults = flat_items(schema_defaults())
+    defaults["trainer.tta_hflip"] = False  # no key: off (tta_hflip_on); `auto` came later
     for key in sorted(set(a) | set(b)):
         if _under(key, RESUMABLE):
             continue
-        old = a[key] if key in a else defaults.get(key)
+        old = a[key] if key in a else defaults.get(key, UNSET)
+        new = b.get(key, UNSET)
         if key == "trainer.tta_hflip":  # by what it does: an older checkpoint holds a bool where `auto` is now
             differs = (tta_hflip_on(then.get("trainer", {}), then.get("data", {}))
                        != tta_hflip_on(now["trainer"], now["data"]))
         else:
-            differs = old != b.get(key)
+            differs = old != new
         if differs:
-            yield key, old, b.get(key)
+            yield key, old, new
 
 
 def check_compatible(now: dict[str, Any], then: dict[str, Any], ckpt: Path) -> None:
@@ -61,22 +77,41 @@ def check_compatible(now: dict[str, Any], then: dict[str, Any], ckpt: Path) -> N
             f"resume with the same value, or start a new run")
 
 
+def check_length(epochs: int, state: dict[str, Any]) -> None:
+    """A resumed run may go on longer or stop where it is, not end before its checkpoint."""
+    done, step = int(state["epoch"]), int(state.get("step", 0))
+    need = done + (1 if step else 0)
+    if epochs < need:
+        at = f"{done} epochs and {step} steps" if step else f"{done} epochs"
+        raise ConfigError(f"epochs={epochs}: the run being resumed has done {at} already; "
+                          f"give epochs >= {need}, or start a new run")
+
+
 def kept_from_checkpoint(now: dict[str, Any], then: dict[str, Any],
                          typed: list[str]) -> list[tuple[str, Any, Any]]:
     """The differences the user did not ask for: keys not typed on the resume command line,
-    whose default changed since the checkpoint was written (flip TTA became `auto`, say). The
-    run keeps the checkpoint's value for these: a new release must not change a run halfway.
-    A typed key that differs is left to `check_compatible`, which refuses it."""
+    whose default changed, or that were added to a preset, since the checkpoint was written
+    (flip TTA became `auto`; the cosine preset gained max_warmup_fraction). The run keeps the
+    checkpoint's value, or leaves such a new key unset (its code default is the old
+    behaviour): a new release must not change a run halfway. A typed key that differs, or a
+    key the config no longer has, is left to `check_compatible`, which refuses it."""
     if any(_under(t, _GLOBAL_GROUPS) for t in typed):
         return []  # a recipe typed again may set anything: only the strict check is safe
-    known = flat_items(schema_defaults())
     return [(k, old, new) for k, old, new in differences(now, then)
-            if not _under(k, typed) and k in known]
+            if not _under(k, typed) and new is not UNSET]
 
 
 def override_text(key: str, value: Any) -> str:
-    """`key=value` in Hydra's override grammar, read back as exactly `value`."""
-    return f"{key}={_value_text(value)}"
+    """`key=value` in Hydra's override grammar, read back as exactly `value` (UNSET: `~key`,
+    which deletes the key)."""
+    return f"~{key}" if value is UNSET else f"{key}={_value_text(value)}"
+
+
+def kept_line(key: str, old: Any, new: Any) -> str:
+    """What resume tells the user about a key it kept as the checkpoint had it."""
+    if old is UNSET:
+        return f"{key}: left unset, as in the checkpoint (the default is {new} now)"
+    return f"{override_text(key, old)}: kept from the checkpoint (the default is {new} now)"
 
 
 def _value_text(value: Any) -> str:

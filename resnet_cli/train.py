@@ -317,6 +317,7 @@ def _train(cfg: dict[str, Any], run_dir: Path, dinfo: DistInfo, stop: StopSignal
         # state loaded onto the GPU would keep Adam's step counters there (a host read per step)
         resume_ckpt = load_checkpoint(ckpt_path, map_location="cpu")
         resume.check_compatible(cfg, resume_ckpt["config"], ckpt_path)
+        resume.check_length(cfg["epochs"], resume_ckpt)
 
     seed_everything(cfg["seed"])
     configure_cuda(device, bool(tcfg["cudnn_benchmark"]))

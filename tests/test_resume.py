@@ -149,7 +149,7 @@ def test_a_changed_default_keeps_the_checkpoints_value_unless_typed():
     from omegaconf import OmegaConf
 
     from resnet_cli.cli import compose
-    from resnet_cli.resume import kept_from_checkpoint
+    from resnet_cli.resume import UNSET, kept_from_checkpoint, override_text
 
     now = OmegaConf.to_container(compose("train", []), resolve=True)
     then = json.loads(json.dumps(now))
@@ -158,6 +158,14 @@ def test_a_changed_default_keeps_the_checkpoints_value_unless_typed():
     kept = kept_from_checkpoint(now, then, typed=["lr"])
     assert kept == [("trainer.label_smoothing", 0.05, now["trainer"]["label_smoothing"]),
                     ("trainer.tta_hflip", False, "auto")]
+    older = json.loads(json.dumps(then))
+    del older["trainer"]["tta_hflip"]  # before the key existed: no TTA
+    del older["scheduler"]["max_warmup_fraction"]  # added to the preset since: left unset (no cap)
+    kept = kept_from_checkpoint(now, older, typed=[])
+    assert [(k, o) for k, o, _ in kept] == [("scheduler.max_warmup_fraction", UNSET),
+                                            ("trainer.label_smoothing", 0.05), ("trainer.tta_hflip", False)]
+    assert [override_text(k, o) for k, o, _ in kept] == ["~scheduler.max_warmup_fraction",
+                                                         "trainer.label_smoothing=0.05", "trainer.tta_hflip=false"]
     # typed now: the user's value stands (and check_compatible refuses it)
     assert [k for k, _, _ in kept_from_checkpoint(now, then, typed=["trainer.tta_hflip"])] == [
         "trainer.label_smoothing"]
@@ -188,10 +196,13 @@ def test_resume_of_a_run_from_before_a_default_changed(uninterrupted, tmp_path):
     default = state["config"]["trainer"]["label_smoothing"]
     state["config"]["trainer"]["label_smoothing"] = 0.05  # as if written when the default was 0.05
     del state["config"]["trainer"]["prefetch"]  # nor did this key exist
+    del state["config"]["scheduler"]["max_warmup_fraction"]  # nor this one of the cosine preset
     save_checkpoint(last, state)
     proc = run_cli("resnet-train", f"resume={run}", "epochs=4", cwd=tmp_path, check=True)
-    assert proc.stderr == f"trainer.label_smoothing=0.05: kept from the checkpoint (the default is {default} now)\n"
-    assert load_checkpoint(last)["config"]["trainer"]["label_smoothing"] == 0.05
+    assert proc.stderr == ("scheduler.max_warmup_fraction: left unset, as in the checkpoint (the default is 0.1 now)\n"
+                           f"trainer.label_smoothing=0.05: kept from the checkpoint (the default is {default} now)\n")
+    config = load_checkpoint(last)["config"]
+    assert config["trainer"]["label_smoothing"] == 0.05 and "max_warmup_fraction" not in config["scheduler"]
     assert [r["epoch"] for r in untimed(run)] == [1, 2, 3, 4]
     # typed on the command line, the new value is refused: the run's first epochs trained without it
     proc = run_cli("resnet-train", f"resume={run}", "epochs=5", f"trainer.label_smoothing={default}", cwd=tmp_path)
@@ -209,22 +220,32 @@ def test_a_primary_config_of_the_users_is_the_one_validated(tmp_path):
 
 
 def test_a_primary_config_of_the_users_names_the_folders(tmp_path):
-    # Its hydra.run.dir is the folder checked (here it holds a run: refused), and a sweep goes
-    # to its hydra.sweep.dir, where the summary is written.
+    # Its hydra.run.dir is the folder checked: a second new run there is refused, resume= goes
+    # on in it; a sweep goes to its hydra.sweep.dir, and a second sweep there is refused.
     (tmp_path / "conf").mkdir()
     (tmp_path / "conf" / "mine.yaml").write_text(
         "defaults:\n  - train\n  - _self_\nhydra:\n  run:\n    dir: runs/fixed\n"
         "  sweep:\n    dir: sweeps/mine\n")
-    (tmp_path / "runs" / "fixed").mkdir(parents=True)
-    (tmp_path / "runs" / "fixed" / "metrics.jsonl").write_text("{}\n")
     mine = ["--config-dir", "conf", "--config-name", "mine"]
+    run = tmp_path / "runs" / "fixed"
+    run_cli("resnet-train", *mine, *TINY, "epochs=1", cwd=tmp_path, check=True)
+    before = (run / "metrics.jsonl").read_text()
     proc = run_cli("resnet-train", *mine, *TINY, "epochs=1", cwd=tmp_path)
     assert proc.returncode == 2 and proc.stderr.startswith(
-        "error: hydra.run.dir=runs/fixed: holds a run already (metrics.jsonl)"), proc.stderr
-    assert (tmp_path / "runs" / "fixed" / "metrics.jsonl").read_text() == "{}\n"
-    run_cli("resnet-train", "-m", *mine, *TINY, "epochs=1", "seed=0,1", cwd=tmp_path, check=True)
+        "error: hydra.run.dir=runs/fixed: holds a run already (checkpoints/last.pt)"), proc.stderr
+    assert (run / "metrics.jsonl").read_text() == before
+    run_cli("resnet-train", f"resume={run}", "epochs=2", cwd=tmp_path, check=True)
+    assert [r["epoch"] for r in untimed(run)] == [1, 2]
+
+    sweep = ["-m", *mine, *TINY, "epochs=1", "seed=0,1"]
+    run_cli("resnet-train", *sweep, cwd=tmp_path, check=True)
     assert (tmp_path / "sweeps" / "mine" / "summary.csv").is_file()
-    assert len(list((tmp_path / "sweeps" / "mine").glob("*/metrics.jsonl"))) == 2
+    rows = {p: p.read_text() for p in (tmp_path / "sweeps" / "mine").glob("*/metrics.jsonl")}
+    assert len(rows) == 2
+    proc = run_cli("resnet-train", *sweep, cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and proc.stderr.startswith(
+        "error: hydra.sweep.dir=sweeps/mine: holds a sweep's runs already (0/checkpoints/last.pt)"), proc.stderr
+    assert {p: p.read_text() for p in rows} == rows
 
 
 def test_resume_alone_continues_a_run_made_from_the_users_configs(tmp_path):
@@ -256,6 +277,10 @@ def test_resume_may_extend_epochs(uninterrupted, tmp_path):
     rows = untimed(run)
     assert [r["epoch"] for r in rows] == [1, 2, 3, 4]
     assert rows[:3] == untimed(uninterrupted)
+    proc = run_cli("resnet-train", f"resume={run}", "epochs=2", cwd=tmp_path)  # shorter than done
+    assert proc.returncode == 2 and proc.stderr == (
+        "error: epochs=2: the run being resumed has done 4 epochs already; give epochs >= 4, or start a new run\n")
+    assert untimed(run) == rows
 
 
 @pytest.mark.parametrize("content,needle", [
@@ -384,6 +409,10 @@ BAD_COMMAND_LINES = [
     (["--config-name", "nothere"], "--config-name nothere: no nothere.yaml in "),
     (["-cn", "eval"], "-cn eval: that is resnet-eval's config"),
     (["--config-name"], "--config-name: give a value"),
+    (["data.num_classes=1"], "data.num_classes=1: must be >= 2"),
+    (["data.channels=0"], "data.channels=0: must be >= 1"),
+    (["data.train_size=0"], "data.train_size=0: must be >= 1"),
+    (["data.test_size=0"], "data.test_size=0: must be >= 1"),
     (["-m", "lr=0.1,-1"], "lr=-1"),
 ]
 

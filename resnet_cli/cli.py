@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -214,54 +215,40 @@ def prepare_train_argv(argv: list[str], dinfo) -> tuple[list[str], Path | None]:
       will be once Hydra returns.
 
     Returns (argv for Hydra, the sweep folder of a multirun or None)."""
-    from .checkpoint import load_checkpoint, resolve_resume
-    from .resume import check_compatible, check_length, kept_from_checkpoint, kept_line, override_text
+    from .resume import kept_line, override_text
 
     flags, overrides = split_argv(argv)
     multirun = "-m" in flags or "--multirun" in flags
     if any(f.split("=")[0] in _INFO_FLAGS for f in flags):
         return argv, None
-    config_dir = _config_dir(flags)
-    # --config-dir DIR adds DIR to Hydra's search path: validate with the same search path
-    # (Hydra gets the flag itself), so its groups are checked and a sweep's exit code kept.
-    search = [f"hydra.searchpath=[{_quote('file://' + config_dir)}]"] if config_dir else []
     resume = next((o.split("=", 1)[1] for o in reversed(overrides) if o.startswith("resume=")), None)
     extra: list[str] = []
-    then = None  # the config of the checkpoint being resumed
     own_folder: list[str] = []
-    if resume and resume.lower() not in ("null", "none", ""):
+    resuming = resume is not None and resume.lower() not in ("null", "none", "")
+    if resuming:
         if multirun:
             raise ConfigError("resume: cannot be combined with --multirun; resume one run at a time")
-        run_dir, ckpt = resolve_resume(resume)
-        state = load_checkpoint(ckpt)  # a damaged or foreign file is refused before anything is written
-        then = state["config"]
-        if not any(f.split("=")[0] in ("--config-dir", "-cd", "--config-name", "-cn") for f in flags):
-            flags = flags + _run_config_flags(run_dir)
-            config_dir = _config_dir(flags)
-            search = [f"hydra.searchpath=[{_quote('file://' + config_dir)}]"] if config_dir else []
-        typed = [_key(o) for o in overrides]
-        previous = run_dir / ".hydra" / "overrides.yaml"
-        if previous.is_file():
-            old = [o for o in OmegaConf.load(previous) if not str(o).startswith(("resume=", "hydra"))]
-            overrides = [str(o) for o in old] + overrides
-        own_folder = [f"hydra.run.dir={_quote(str(run_dir))}"]
+        run, flags, overrides = _resumed_run(resume, flags, overrides)
+        own_folder = [f"hydra.run.dir={_quote(str(run.folder))}"]
         extra = own_folder + ["hydra.output_subdir=null"]
+    config_dir = _config_dir(flags)
     name, primary_dir = _primary_config(flags, config_dir)
+    # --config-dir DIR adds DIR to Hydra's search path: validate with the same search path
+    # (Hydra gets the flag itself), so its groups are checked and a sweep's exit code kept.
     # A primary config of the user's is composed from their folder, with ours on the search path.
-    search = [] if primary_dir else search
+    search = [f"hydra.searchpath=[{_quote('file://' + config_dir)}]"] if config_dir and not primary_dir else []
     cfg = validate(name, overrides + search, multirun, primary_dir)
-    if then is not None:
-        kept = kept_from_checkpoint(OmegaConf.to_container(cfg, resolve=True), then, typed)
+    if resuming:
+        kept = run.kept(cfg)
         if kept:
             overrides += [override_text(key, old) for key, old, _ in kept]
             cfg = validate(name, overrides + search, multirun, primary_dir)
-        check_compatible(OmegaConf.to_container(cfg, resolve=True), then, ckpt)  # what the user typed
-        check_length(cfg.epochs, state)
+        run.check(cfg)
         for key, old, new in kept if dinfo.is_main else []:
             print(kept_line(key, old, new), file=sys.stderr)
     # a resumed run goes on in its own folder, which holds it
     folder = check_output_folder(overrides + search + own_folder, multirun, name, primary_dir,
-                                 new_run=then is None)
+                                 new_run=not resuming)
     sweep_dir = None
     if multirun:
         # Its default name holds ${now:...}: resolved once here, so Hydra writes where we read.
@@ -280,6 +267,45 @@ def prepare_train_argv(argv: list[str], dinfo) -> tuple[list[str], Path | None]:
         if not dinfo.is_main:
             extra += ["hydra.output_subdir=null", "hydra/job_logging=disabled"]
     return flags + overrides + extra, sweep_dir
+
+
+@dataclass
+class _Resumed:
+    """The run a resume= command line continues: its folder, its checkpoint and what the user
+    typed now (the keys that may not silently take the checkpoint's values)."""
+    folder: Path
+    ckpt: Path
+    state: dict[str, Any]
+    typed: list[str]
+
+    def kept(self, cfg: DictConfig) -> list[tuple[str, Any, Any]]:
+        from .resume import kept_from_checkpoint
+
+        return kept_from_checkpoint(OmegaConf.to_container(cfg, resolve=True), self.state["config"], self.typed)
+
+    def check(self, cfg: DictConfig) -> None:
+        from .resume import check_compatible, check_length
+
+        check_compatible(OmegaConf.to_container(cfg, resolve=True), self.state["config"], self.ckpt)
+        check_length(cfg.epochs, self.state)
+
+
+def _resumed_run(resume: str, flags: list[str], overrides: list[str]) -> tuple[_Resumed, list[str], list[str]]:
+    """resume=<run>: the run, with the flags and overrides to compose it with: its
+    --config-dir/--config-name unless typed now, its original overrides before those typed now
+    (so `resnet-train resume=DIR` continues the same experiment)."""
+    from .checkpoint import load_checkpoint, resolve_resume
+
+    folder, ckpt = resolve_resume(resume)
+    state = load_checkpoint(ckpt)  # a damaged or foreign file is refused before anything is written
+    run = _Resumed(folder, ckpt, state, [_key(o) for o in overrides])
+    if not any(f.split("=")[0] in ("--config-dir", "-cd", "--config-name", "-cn") for f in flags):
+        flags = flags + _run_config_flags(folder)
+    previous = folder / ".hydra" / "overrides.yaml"
+    if previous.is_file():
+        old = [str(o) for o in OmegaConf.load(previous) if not str(o).startswith(("resume=", "hydra"))]
+        overrides = old + overrides
+    return run, flags, overrides
 
 
 def _flag_value(flags: list[str], names: tuple[str, ...], missing: str = "a value",

@@ -117,15 +117,23 @@ def _sweep_jobs(overrides: list[str], limit: int = 256) -> list[list[str]]:
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
+    parser = OverridesParser.create()
     try:
-        parsed = OverridesParser.create().parse_overrides(overrides)
+        parsed = parser.parse_overrides(overrides)
         batches = BasicSweeper.split_arguments(parsed, max_batch_size=None)
         jobs = [list(job) for batch in batches for job in batch]
         if 0 < len(jobs) <= limit:
             return jobs
     except Exception:  # not a basic sweep
         pass
-    return [[o for o in overrides if "," not in o.split("=", 1)[-1] and "(" not in o.split("=", 1)[-1]]]
+    fixed = []
+    for o in overrides:  # the parser tells a sweep (a,b / interval() / range()) from a list like [2,2]
+        try:
+            if not parser.parse_override(o).is_sweep_override():
+                fixed.append(o)
+        except Exception:  # malformed: composing the job names it
+            fixed.append(o)
+    return [fixed]
 
 
 def validate(config_name: str, overrides: list[str], multirun: bool, primary_dir: str | None = None) -> DictConfig:

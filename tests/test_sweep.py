@@ -357,6 +357,18 @@ def test_lr_optuna_composes():
     assert cfg.data.val_size == 5000  # trials are compared on held-out training images
 
 
+def test_a_search_checks_its_fixed_overrides_up_front():
+    # A sweep that is not a comma list (Optuna's interval()) is checked on its fixed
+    # overrides; a list value such as model.layers=[2,2] is one of them, not a sweep.
+    from resnet_cli.cli import _sweep_jobs, validate
+    from resnet_cli.errors import ModelConfigError
+
+    jobs = _sweep_jobs(["lr=tag(log,interval(0.01,1))", "model.layers=[2,2]", "seed=0", "epochs=range(1,300)"])
+    assert jobs == [["model.layers=[2,2]", "seed=0"]]
+    with pytest.raises(ModelConfigError, match=r"model.layers has 2 stages"):
+        validate("train", ["model=resnet20", "model.layers=[2,2]", "lr=tag(log,interval(0.01,1))"], multirun=True)
+
+
 def test_slurm_gpu_launcher_composes():
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
     launcher = compose_train(["hydra/launcher=slurm_gpu"]).hydra.launcher

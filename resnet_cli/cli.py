@@ -306,6 +306,15 @@ def _resumed_run(resume: str, flags: list[str], overrides: list[str]) -> tuple[_
 
     folder, ckpt = resolve_resume(resume)
     state = load_checkpoint(ckpt)  # a damaged or foreign file is refused before anything is written
+    last = folder / "checkpoints" / "last.pt"
+    if last.is_file() and last.resolve() != ckpt.resolve():  # best.pt, say: resuming it would replace last.pt
+        ahead = load_checkpoint(last)
+        at = lambda st: (int(st["epoch"]), int(st.get("step", 0)))  # noqa: E731
+        if at(ahead) > at(state):
+            raise ConfigError(f"resume={resume}: the run went further (epoch {at(ahead)[0]} step {at(ahead)[1]} in "
+                              f"last.pt; this is epoch {at(state)[0]} step {at(state)[1]}): going on from here in "
+                              f"its folder would replace that; to go on from {ckpt.name}, copy the run folder, delete "
+                              f"the copy's checkpoints/last.pt and resume the copy's {ckpt.name}")
     run = _Resumed(folder, ckpt, state, [_key(o) for o in overrides])
     if not any(f.split("=")[0] in ("--config-dir", "-cd", "--config-name", "-cn") for f in flags):
         flags = flags + _run_config_flags(folder)

@@ -283,6 +283,27 @@ def test_resume_may_extend_epochs(uninterrupted, tmp_path):
     assert untimed(run) == rows
 
 
+def test_resume_from_an_earlier_checkpoint_never_replaces_a_later_one(uninterrupted, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(uninterrupted, run)
+    state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    state["epoch"], state["history"] = 1, state["history"][:1]  # as best.pt of epoch 1 would be
+    save_checkpoint(run / "checkpoints" / "best.pt", state)
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    proc = run_cli("resnet-train", f"resume={run / 'checkpoints' / 'best.pt'}", cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "the run went further (epoch 3 step 0 in last.pt; this is epoch 1 step 0)" in proc.stderr
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    # what the message says to do
+    fork = tmp_path / "fork"
+    shutil.copytree(run, fork)
+    (fork / "checkpoints" / "last.pt").unlink()
+    run_cli("resnet-train", f"resume={fork / 'checkpoints' / 'best.pt'}", cwd=tmp_path, check=True)
+    assert [r["epoch"] for r in untimed(fork)] == [1, 2, 3]
+
+
 @pytest.mark.parametrize("content,needle", [
     (b"this is not a checkpoint", "cannot be read"),
     ("truncated", "cannot be read"),

@@ -10,6 +10,7 @@ beside it, so a consumer needs neither this package nor the checkpoint.
 from __future__ import annotations
 
 import io
+import json
 import sys
 import warnings
 from dataclasses import dataclass
@@ -202,7 +203,20 @@ def output_path(output: str | None, ckpt_path: Path, fmt: str) -> Path:
         raise ConfigError(f"output={output}: that is the checkpoint itself; choose another file")
     if p.exists() and not p.is_file():  # a device such as /dev/null would be replaced, not written to
         raise ConfigError(f"output={output}: exists and is not a regular file; choose a file name")
+    taken = [f for f in (p, sidecar_path(p)) if f.is_file()]
+    if taken and not _earlier_export(p):  # another checkpoint, a run's results.json (as the sidecar of RUN/results)
+        raise ConfigError(f"output={output}: {taken[0]} exists and is not an earlier export (it would be replaced); "
+                          "choose another file name, or remove it first")
     return p
+
+
+def _earlier_export(p: Path) -> bool:
+    """Whether p (with its sidecar) was written by resnet-export: a new export may replace it."""
+    try:
+        meta = json.loads(sidecar_path(p).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and meta.get("file") == p.name and "source_checkpoint" in meta
 
 
 # ---------------------------------------------------------------- the command

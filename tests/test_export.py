@@ -94,7 +94,8 @@ def test_unknown_format_subprocess(run_dir):
     assert proc.stdout == ""
 
 
-@pytest.mark.parametrize("case", ["no_checkpoint_key", "missing", "corrupt", "over_checkpoint", "unknown_key"])
+@pytest.mark.parametrize("case", ["no_checkpoint_key", "missing", "corrupt", "over_checkpoint", "over_another_checkpoint",
+                                  "over_run_results", "unknown_key"])
 def test_bad_input_in_process(case, run_dir, tmp_path, monkeypatch, capsys):
     from resnet_cli.export import main
 
@@ -106,11 +107,30 @@ def test_bad_input_in_process(case, run_dir, tmp_path, monkeypatch, capsys):
         "missing": ([f"checkpoint={tmp_path / 'gone.pt'}"], ("gone.pt", "no such file")),
         "corrupt": ([f"checkpoint={corrupt}"], ("corrupt.pt",)),
         "over_checkpoint": ([f"checkpoint={best}", f"output={best}"], ("the checkpoint itself",)),
+        "over_another_checkpoint": ([f"checkpoint={best}", f"output={run_dir / 'checkpoints' / 'last.pt'}"],
+                                    ("last.pt exists and is not an earlier export",)),
+        "over_run_results": ([f"checkpoint={best}", f"output={run_dir / 'results'}"],
+                             ("results.json exists and is not an earlier export",)),
         "unknown_key": ([f"checkpoint={best}", "fromat=onnx"], ("fromat: unknown key", "did you mean format")),
     }[case]
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
     code, out, err = call_main(main, "resnet-export", argv, monkeypatch, capsys)
     assert_one_error_line(code, err, *needles)
     assert out == ""
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
+
+
+def test_an_export_may_replace_an_earlier_export(run_dir, tmp_path, monkeypatch, capsys):
+    from resnet_cli.export import main
+
+    output = tmp_path / "model.pt"
+    argv = [f"checkpoint={run_dir / 'checkpoints' / 'best.pt'}", f"output={output}", "verify=false"]
+    for _ in range(2):
+        code, out, err = call_main(main, "resnet-export", argv, monkeypatch, capsys)
+        assert code == 0 and f"wrote {output}" in out, err
+    output.with_name("model.pt.json").unlink()  # no longer recognisable as an export
+    code, out, err = call_main(main, "resnet-export", argv, monkeypatch, capsys)
+    assert_one_error_line(code, err, "model.pt exists and is not an earlier export")
 
 
 def test_torch_export_program_equals_eager(run_dir, loaded, tmp_path):
@@ -191,11 +211,14 @@ def test_a_write_error_is_one_line_and_keeps_the_old_file(run_dir, tmp_path):
 
     output = tmp_path / "model.pt2"
     output.write_bytes(b"the previous export")
+    sidecar = tmp_path / "model.pt2.json"
+    sidecar.write_text(json.dumps({"file": "model.pt2", "source_checkpoint": "an earlier run"}))
+    before = sidecar.read_text()
     proc = subprocess.run([command("resnet-export"), f"checkpoint={run_dir}", "format=export", f"output={output}"],
                           capture_output=True, text=True, timeout=300, preexec_fn=limited_file_size(64_000))
     assert_failed_in_one_line(proc.returncode, proc.stderr, f"cannot write {output}: File too large",
                               "files written before are intact")
-    assert output.read_bytes() == b"the previous export"
+    assert output.read_bytes() == b"the previous export" and sidecar.read_text() == before
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 
 

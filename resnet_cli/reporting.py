@@ -46,8 +46,10 @@ def epoch_progress(mode: str, epoch: int, epochs: int, total_steps: int, start_s
 
 
 def epoch_line(m: dict[str, Any], epochs: int) -> str:
+    # The validation split (what best.pt is chosen by) and the EMA's scores, where the run has them.
+    extra = "".join(f"  {k} {m[k]:.4f}" for k in ("val_acc", "ema_val_acc", "ema_test_acc") if k in m)
     return (f"epoch {m['epoch']}/{epochs}  train_loss {m['train_loss']:.4f}  train_acc {m['train_acc']:.4f}  "
-            f"test_loss {m['test_loss']:.4f}  test_acc {m['test_acc']:.4f}  lr {m['lr']:.4g}  "
+            f"test_loss {m['test_loss']:.4f}  test_acc {m['test_acc']:.4f}{extra}  lr {m['lr']:.4g}  "
             f"{m['train_images_per_s']:,.0f} img/s  {m['epoch_time_s']:.1f}s")
 
 

@@ -291,3 +291,14 @@ def test_progress_bar_on_a_terminal(tmp_path):
     assert "\x1b[" in screen  # drawn with terminal control codes
     assert "img/s" in screen and "loss" in screen and "acc" in screen and "eta" in screen
     assert "epoch 1/1  train_loss" in screen  # and the summary line stays
+
+
+def test_the_epoch_line_shows_validation_and_ema_scores_where_the_run_has_them():
+    from resnet_cli.reporting import epoch_line
+
+    row = {"epoch": 2, "train_loss": 0.5, "train_acc": 0.8, "test_loss": 0.4, "test_acc": 0.85, "lr": 0.1,
+           "train_images_per_s": 1000.0, "epoch_time_s": 3.0}
+    plain = epoch_line(row, 5)
+    assert plain.startswith("epoch 2/5  train_loss 0.5000") and "val_acc" not in plain and "ema" not in plain
+    line = epoch_line({**row, "val_acc": 0.86, "val_loss": 0.3, "ema_test_acc": 0.84, "ema_val_acc": 0.83}, 5)
+    assert "test_acc 0.8500  val_acc 0.8600  ema_val_acc 0.8300  ema_test_acc 0.8400  lr 0.1" in line

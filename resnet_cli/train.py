@@ -303,7 +303,6 @@ def train(cfg: dict[str, Any], run_dir: Path, dinfo: DistInfo = DistInfo()) -> d
 def _train(cfg: dict[str, Any], run_dir: Path, dinfo: DistInfo, stop: StopSignals,
            trackers: Trackers) -> dict[str, Any]:
     clock = Clock()
-    t_start = time.perf_counter()
     check_values(cfg)
     device = resolve_device(cfg["trainer"]["device"], dinfo.local_rank if dinfo.enabled else None)
     precision = resolve_precision(cfg["trainer"]["precision"], device)
@@ -404,7 +403,8 @@ def _train(cfg: dict[str, Any], run_dir: Path, dinfo: DistInfo, stop: StopSignal
     if dinfo.is_main and tr.history:
         with clock.timed("plot"):
             plot_curves(tr.history, run_dir / "curves.png", f"{spec.name} on {cfg['data']['name']}")
-    results = _results(tr.history, tr, n_params, device, precision, time.perf_counter() - t_start)
+    # the run's clock, as metrics' elapsed_s and time_to_acc: across resumes, from the process's start
+    results = _results(tr.history, tr, n_params, device, precision, tr.elapsed())
     results["time_s"] = clock.breakdown()
     if dinfo.is_main:
         atomic_write_json(run_dir / "results.json", results)

@@ -277,6 +277,10 @@ def test_resume_may_extend_epochs(uninterrupted, tmp_path):
     rows = untimed(run)
     assert [r["epoch"] for r in rows] == [1, 2, 3, 4]
     assert rows[:3] == untimed(uninterrupted)
+    # the run's wall time spans both processes, on the clock of metrics' elapsed_s
+    wall = json.loads((run / "results.json").read_text())["wall_time_s"]
+    assert wall > json.loads((uninterrupted / "results.json").read_text())["wall_time_s"]
+    assert wall >= json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["elapsed_s"]
     proc = run_cli("resnet-train", f"resume={run}", "epochs=2", cwd=tmp_path)  # shorter than done
     assert proc.returncode == 2 and proc.stderr == (
         "error: epochs=2: the run being resumed has done 4 epochs already; give epochs >= 4, or start a new run\n")

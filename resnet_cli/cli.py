@@ -196,8 +196,10 @@ def check_output_folder(overrides: list[str], multirun: bool, config_name: str =
         if held:
             raise ConfigError(f"{key}={folder}: holds a run already ({held[0]}); continue it with "
                               f"resume={folder}, or choose another folder")
-    if multirun:
-        held = sorted(str(p.relative_to(folder)) for n in names for p in Path(folder).glob(f"*/{n}"))
+    numbered = OmegaConf.to_container(hcfg.sweep, resolve=False).get("subdir") == "${hydra.job.num}"
+    if multirun and numbered:  # jobs numbered from 0 again would land in the earlier sweep's folders
+        held = sorted(str(p.relative_to(folder)) for n in names for p in Path(folder).glob(f"*/{n}")
+                      if p.relative_to(folder).parts[0].isdigit())
         if held:
             raise ConfigError(f"{key}={folder}: holds a sweep's runs already ({held[0]}); choose another "
                               f"folder (each job can be continued with resume={Path(folder) / Path(held[0]).parts[0]})")
@@ -252,8 +254,9 @@ def prepare_train_argv(argv: list[str], dinfo) -> tuple[list[str], Path | None]:
             overrides += [override_text(key, old) for key, old, _ in kept]
             cfg = validate(name, overrides + search, multirun, primary_dir)
         run.check(cfg)
-        for key, old, new in kept if dinfo.is_main else []:
-            print(kept_line(key, old, new), file=sys.stderr)
+        notes = [kept_line(key, old, new) for key, old, new in kept] + ([run.rewind] if run.rewind else [])
+        for line in notes if dinfo.is_main else []:
+            print(line, file=sys.stderr)
     # a resumed run goes on in its own folder, which holds it
     folder = check_output_folder(overrides + search + own_folder, multirun, name, primary_dir,
                                  new_run=not resuming)
@@ -285,10 +288,14 @@ class _Resumed:
     ckpt: Path
     state: dict[str, Any]
     typed: list[str]
+    recorded: bool  # its .hydra/overrides.yaml was found: the config is recomposed as it was
+    rewind: str | None  # what resuming an earlier checkpoint (best.pt) will replace
 
     def kept(self, cfg: DictConfig) -> list[tuple[str, Any, Any]]:
         from .resume import kept_from_checkpoint
 
+        if not self.recorded:  # every difference would look like a changed default: the strict check decides
+            return []
         return kept_from_checkpoint(OmegaConf.to_container(cfg, resolve=True), self.state["config"], self.typed)
 
     def check(self, cfg: DictConfig) -> None:
@@ -302,27 +309,39 @@ def _resumed_run(resume: str, flags: list[str], overrides: list[str]) -> tuple[_
     """resume=<run>: the run, with the flags and overrides to compose it with: its
     --config-dir/--config-name unless typed now, its original overrides before those typed now
     (so `resnet-train resume=DIR` continues the same experiment)."""
-    from .checkpoint import load_checkpoint, resolve_resume
+    from .checkpoint import CheckpointError, load_checkpoint, resolve_resume
 
     folder, ckpt = resolve_resume(resume)
     state = load_checkpoint(ckpt)  # a damaged or foreign file is refused before anything is written
+    rewind = None
     last = folder / "checkpoints" / "last.pt"
-    if last.is_file() and last.resolve() != ckpt.resolve():  # best.pt, say: resuming it would replace last.pt
-        ahead = load_checkpoint(last)
+    if last.is_file() and last.resolve() != ckpt.resolve():  # best.pt, say: the run goes on from there
+        try:
+            ahead = load_checkpoint(last)
+        except CheckpointError:  # a damaged last.pt is nothing to keep
+            ahead = state
         at = lambda st: (int(st["epoch"]), int(st.get("step", 0)))  # noqa: E731
-        if at(ahead) > at(state):
-            raise ConfigError(f"resume={resume}: the run went further (epoch {at(ahead)[0]} step {at(ahead)[1]} in "
-                              f"last.pt; this is epoch {at(state)[0]} step {at(state)[1]}): going on from here in "
-                              f"its folder would replace that; to go on from {ckpt.name}, copy the run folder, delete "
-                              f"the copy's checkpoints/last.pt and resume the copy's {ckpt.name}")
-    run = _Resumed(folder, ckpt, state, [_key(o) for o in overrides])
-    if not any(f.split("=")[0] in ("--config-dir", "-cd", "--config-name", "-cn") for f in flags):
-        flags = flags + _run_config_flags(folder)
+        if at(ahead) > at(state):  # a rewind (docs/integrations.md): say what it replaces
+            rewind = (f"resume={resume}: rewinds the run from epoch {at(ahead)[0]} step {at(ahead)[1]} (last.pt) to "
+                      f"epoch {at(state)[0]} step {at(state)[1]}; last.pt and the later rows of metrics.jsonl will be "
+                      f"replaced (copy the run folder first to keep them)")
+    record = _hydra_record(folder)
+    # A group typed again with the option the run had (scheduler=cosine) changes nothing.
+    choices = OmegaConf.select(record, "runtime.choices", default=None) or {}
+    typed = [_key(o) for o in overrides if not (_key(o) in choices and o.split("=", 1)[-1] == choices[_key(o)])]
     previous = folder / ".hydra" / "overrides.yaml"
+    run = _Resumed(folder, ckpt, state, typed, previous.is_file(), rewind)
+    flags = flags + _run_config_flags(folder, record, flags)
     if previous.is_file():
         old = [str(o) for o in OmegaConf.load(previous) if not str(o).startswith(("resume=", "hydra"))]
         overrides = old + overrides
     return run, flags, overrides
+
+
+def _hydra_record(run_dir: Path) -> DictConfig:
+    """The `hydra` node of a run's .hydra/hydra.yaml (empty if it has none)."""
+    path = run_dir / ".hydra" / "hydra.yaml"
+    return OmegaConf.create(OmegaConf.load(path).get("hydra", {}) if path.is_file() else {})
 
 
 def _flag_value(flags: list[str], names: tuple[str, ...], missing: str = "a value",
@@ -361,23 +380,22 @@ def _primary_config(flags: list[str], user_dir: str | None) -> tuple[str, str | 
     return name, None
 
 
-def _run_config_flags(run_dir: Path) -> list[str]:
-    """The --config-dir and --config-name a run was started with, from Hydra's record of it
-    (.hydra/hydra.yaml), so that `resume=DIR` alone continues a run made from configs of the
-    user's; [] for a run from resnet-cli's own configs."""
-    record = run_dir / ".hydra" / "hydra.yaml"
-    if not record.is_file():
-        return []
-    hydra = OmegaConf.load(record).get("hydra", {})
+def _run_config_flags(run_dir: Path, hydra: DictConfig, typed: list[str]) -> list[str]:
+    """The --config-dir and --config-name a run was started with, from Hydra's record of it,
+    each unless typed now, so that `resume=DIR` alone continues a run made from configs of
+    the user's (and `--config-dir NEW` alone one whose folder moved); [] for a run from
+    resnet-cli's own configs."""
+    given = {f.split("=")[0] for f in typed}
     flags = []
     sources = OmegaConf.select(hydra, "runtime.config_sources", default=[]) or []
-    for folder in [s.get("path") for s in sources if s.get("provider") == "command-line"][:1]:
-        if not Path(folder).is_dir():
-            raise ConfigError(f"resume={run_dir}: the run read configs from {folder} (--config-dir), which is not "
-                              "a folder any more; restore it, or pass --config-dir with where it is now")
-        flags += ["--config-dir", folder]
+    if not given & {"--config-dir", "-cd"}:
+        for folder in [s.get("path") for s in sources if s.get("provider") == "command-line"][:1]:
+            if not Path(folder).is_dir():
+                raise ConfigError(f"resume={run_dir}: the run read configs from {folder} (--config-dir), which is not "
+                                  "a folder any more; restore it, or pass --config-dir with where it is now")
+            flags += ["--config-dir", folder]
     name = OmegaConf.select(hydra, "job.config_name", default="train")
-    if name and name != "train":
+    if name and name != "train" and not given & {"--config-name", "-cn"}:
         flags += ["--config-name", str(name)]
     return flags
 

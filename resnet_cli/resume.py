@@ -61,9 +61,9 @@ def differences(now: dict[str, Any], then: dict[str, Any]) -> Iterator[tuple[str
             continue
         old = a[key] if key in a else defaults.get(key, UNSET)
         new = b.get(key, UNSET)
-        if key == "trainer.tta_hflip":  # by what it does: an older checkpoint holds a bool where `auto` is now
-            differs = (tta_hflip_on(then.get("trainer", {}), then.get("data", {}))
-                       != tta_hflip_on(now["trainer"], now["data"]))
+        if key == "trainer.tta_hflip":  # by what it did: an older checkpoint holds a bool where `auto` is now
+            old = tta_hflip_on(then.get("trainer", {}), then.get("data", {}))
+            differs = old != tta_hflip_on(now["trainer"], now["data"])
         else:
             differs = old != new
         if differs:
@@ -72,6 +72,9 @@ def differences(now: dict[str, Any], then: dict[str, Any]) -> Iterator[tuple[str
 
 def check_compatible(now: dict[str, Any], then: dict[str, Any], ckpt: Path) -> None:
     for key, old, new in differences(now, then):
+        if old is UNSET:
+            raise ConfigError(f"{key}={new}: the checkpoint being resumed ({ckpt}) ran without this key; "
+                              f"resume with ~{key}, or start a new run")
         raise ConfigError(
             f"{key}={new}: differs from the checkpoint being resumed ({ckpt}: {key}={old}); "
             f"resume with the same value, or start a new run")

@@ -166,6 +166,13 @@ def test_a_changed_default_keeps_the_checkpoints_value_unless_typed():
                                             ("trainer.label_smoothing", 0.05), ("trainer.tta_hflip", False)]
     assert [override_text(k, o) for k, o, _ in kept] == ["~scheduler.max_warmup_fraction",
                                                          "trainer.label_smoothing=0.05", "trainer.tta_hflip=false"]
+    from resnet_cli.config import ConfigError
+    from resnet_cli.resume import check_compatible
+
+    with pytest.raises(ConfigError, match=re.escape("scheduler.max_warmup_fraction=0.1: the checkpoint being resumed "
+                                                    "(last.pt) ran without this key; resume with "
+                                                    "~scheduler.max_warmup_fraction")):
+        check_compatible(now, older, Path("last.pt"))
     # typed now: the user's value stands (and check_compatible refuses it)
     assert [k for k, _, _ in kept_from_checkpoint(now, then, typed=["trainer.tta_hflip"])] == [
         "trainer.label_smoothing"]
@@ -198,7 +205,8 @@ def test_resume_of_a_run_from_before_a_default_changed(uninterrupted, tmp_path):
     del state["config"]["trainer"]["prefetch"]  # nor did this key exist
     del state["config"]["scheduler"]["max_warmup_fraction"]  # nor this one of the cosine preset
     save_checkpoint(last, state)
-    proc = run_cli("resnet-train", f"resume={run}", "epochs=4", cwd=tmp_path, check=True)
+    # scheduler=cosine typed again: the option the run had, so nothing the user changed
+    proc = run_cli("resnet-train", f"resume={run}", "epochs=4", "scheduler=cosine", cwd=tmp_path, check=True)
     assert proc.stderr == ("scheduler.max_warmup_fraction: left unset, as in the checkpoint (the default is 0.1 now)\n"
                            f"trainer.label_smoothing=0.05: kept from the checkpoint (the default is {default} now)\n")
     config = load_checkpoint(last)["config"]
@@ -263,9 +271,35 @@ def test_resume_alone_continues_a_run_made_from_the_users_configs(tmp_path):
     proc = run_cli("resnet-train", f"resume={run}", "epochs=3", cwd=tmp_path)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
     assert proc.stderr.startswith(f"error: resume={run}: the run read configs from {tmp_path / 'conf'} (--config-dir)")
-    run_cli("resnet-train", "--config-dir", "moved", "--config-name", "mine", f"resume={run}", "epochs=3",
-            cwd=tmp_path, check=True)
-    assert [r["epoch"] for r in untimed(run)] == [1, 2, 3]
+    # as the message says: the new folder alone (the config's name still comes from the record)
+    proc = run_cli("resnet-train", "--config-dir", "moved", f"resume={run}", "epochs=3", cwd=tmp_path, check=True)
+    assert [r["epoch"] for r in untimed(run)] == [1, 2, 3] and "kept from the checkpoint" not in proc.stderr
+
+
+def test_a_run_without_its_hydra_record_resumes_only_as_it_was(uninterrupted, tmp_path):
+    # No .hydra/overrides.yaml (hydra.output_subdir=null): the command line cannot rebuild the
+    # run's config, and what differs from today's defaults is refused, not silently adopted.
+    import shutil
+
+    run = tmp_path / "bare"
+    shutil.copytree(uninterrupted, run)
+    shutil.rmtree(run / ".hydra")
+    proc = run_cli("resnet-train", f"resume={run}", "data=synthetic", cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stderr.startswith("error: batch_size=256: differs from the checkpoint being resumed")
+    run_cli("resnet-train", f"resume={run}", *TINY, "epochs=4", cwd=tmp_path, check=True)
+    assert [r["epoch"] for r in untimed(run)] == [1, 2, 3, 4]
+
+
+def test_only_numbered_job_folders_block_a_sweep(tmp_path):
+    from resnet_cli.cli import check_output_folder
+
+    (tmp_path / "sw" / "seed=0").mkdir(parents=True)
+    (tmp_path / "sw" / "seed=0" / "metrics.jsonl").write_text("{}\n")
+    named = ["hydra.sweep.dir=" + str(tmp_path / "sw"), "hydra.sweep.subdir=${hydra.job.override_dirname}",
+             "seed=1,2", "data=synthetic"]
+    assert check_output_folder(named, True) == str(tmp_path / "sw")  # new jobs go to seed=1, seed=2
+    assert check_output_folder(named[:1] + named[2:], True) == str(tmp_path / "sw")  # numbered: 0, 1 are free
 
 
 def test_resume_may_extend_epochs(uninterrupted, tmp_path):
@@ -287,7 +321,9 @@ def test_resume_may_extend_epochs(uninterrupted, tmp_path):
     assert untimed(run) == rows
 
 
-def test_resume_from_an_earlier_checkpoint_never_replaces_a_later_one(uninterrupted, tmp_path):
+def test_resume_from_an_earlier_checkpoint_says_what_it_replaces(uninterrupted, tmp_path):
+    # A rewind (resume=RUN/checkpoints/best.pt after the run went further) is allowed, as the
+    # trackers expect (docs/integrations.md), and says in one line what it replaces.
     import shutil
 
     run = tmp_path / "run"
@@ -295,17 +331,16 @@ def test_resume_from_an_earlier_checkpoint_never_replaces_a_later_one(uninterrup
     state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
     state["epoch"], state["history"] = 1, state["history"][:1]  # as best.pt of epoch 1 would be
     save_checkpoint(run / "checkpoints" / "best.pt", state)
-    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
-    proc = run_cli("resnet-train", f"resume={run / 'checkpoints' / 'best.pt'}", cwd=tmp_path)
-    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
-    assert "the run went further (epoch 3 step 0 in last.pt; this is epoch 1 step 0)" in proc.stderr
-    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
-    # what the message says to do
-    fork = tmp_path / "fork"
-    shutil.copytree(run, fork)
-    (fork / "checkpoints" / "last.pt").unlink()
-    run_cli("resnet-train", f"resume={fork / 'checkpoints' / 'best.pt'}", cwd=tmp_path, check=True)
-    assert [r["epoch"] for r in untimed(fork)] == [1, 2, 3]
+    damaged = tmp_path / "damaged"  # a damaged last.pt is nothing to replace
+    shutil.copytree(run, damaged)
+    (damaged / "checkpoints" / "last.pt").write_bytes(b"garbage")
+    proc = run_cli("resnet-train", f"resume={damaged / 'checkpoints' / 'best.pt'}", cwd=tmp_path, check=True)
+    assert "rewinds" not in proc.stderr and [r["epoch"] for r in untimed(damaged)] == [1, 2, 3]
+    proc = run_cli("resnet-train", f"resume={run / 'checkpoints' / 'best.pt'}", cwd=tmp_path, check=True)
+    assert proc.stderr == (f"resume={run / 'checkpoints' / 'best.pt'}: rewinds the run from epoch 3 step 0 (last.pt) "
+                           "to epoch 1 step 0; last.pt and the later rows of metrics.jsonl will be replaced (copy the "
+                           "run folder first to keep them)\n")
+    assert [r["epoch"] for r in untimed(run)] == [1, 2, 3]
 
 
 @pytest.mark.parametrize("content,needle", [

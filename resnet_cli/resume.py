@@ -51,11 +51,10 @@ def differences(now: dict[str, Any], then: dict[str, Any]) -> Iterator[tuple[str
     """(key, the checkpoint's value, the value now) for each key, in order, that would change
     what the run computes. A schema key added since the checkpoint was written ran as its
     schema default (a new key's default keeps the behaviour from before it existed), so it is
-    compared as that; flip TTA, from before `auto`, as off. Other keys missing from either
-    side are UNSET."""
+    compared as that; flip TTA by whether it was on (no key: off). Other keys missing from
+    either side are UNSET."""
     a, b = flat_items(then), flat_items(now)
     defaults = flat_items(schema_defaults())
-    defaults["trainer.tta_hflip"] = False  # no key: off (tta_hflip_on); `auto` came later
     for key in sorted(set(a) | set(b)):
         if _under(key, RESUMABLE):
             continue

@@ -12,6 +12,9 @@ Issue 13's accuracy over seeds on the GPU, only when asked for (--parts all, or 
 since the four parts above must finish in under 7 minutes on an H100:
   default_seeds  seeds 1 and 2 of the default run; with default_run's seed 0: mean, std, min, max
   d2l_seeds      resnet-train experiment=d2l, seeds 0-2: the reference recipe on the same card
+  screen         toward issue 13's 0.940: the default recipe's peak lr x batch size, and ResNet-18 with
+                 a CIFAR stem on the native 28x28 images; 10 epochs each, compared on 5,000 held-out
+                 training images (data.val_size), never on the test split
 
 The summary is rewritten after every part, so a run cut short still leaves what it measured.
 
@@ -135,6 +138,59 @@ def _d2l_numbers(a: argparse.Namespace, work: Path) -> dict[str, Any]:
     return _seed_stats(_jobs(work / "d2l-seeds"))
 
 
+# The screen's sweeps (one -m each, run one after the other): name -> the swept overrides. Every
+# job trains 10 epochs on 55,000 images and is judged by its final validation accuracy.
+SCREEN = {
+    "screen-lr-batch": ["lr=0.05,0.1,0.2", "batch_size=128,256"],
+    "screen-cifar-stem": ["model.stem=cifar", "data.resize=null", "lr=0.05,0.1"],
+}
+SCREEN_FIXED = ["model=resnet18", "epochs=10", "data.val_size=5000"]
+# --cpu-smoke: the same sweeps, tiny (batches that fit 64 synthetic images).
+SCREEN_SMOKE_FIXED = ["model=resnet18", "model.widths=[8,16,32,64]", "epochs=1", "data=synthetic",
+                      "data.train_size=64", "data.test_size=32", "data.val_size=16", "trainer.device=cpu",
+                      "trainer.precision=fp32"]
+SCREEN_SMOKE_SWAP = {"batch_size=128,256": "batch_size=8,16"}
+SCREEN_BASELINE = {False: {"lr=0.05", "batch_size=256"}, True: {"lr=0.05", "batch_size=16"}}  # today's recipe
+
+
+def _screen_cmd(a: argparse.Namespace, work: Path) -> list[str]:
+    import shlex
+
+    steps = ["rc=0"]
+    for name, swept in SCREEN.items():
+        if a.cpu_smoke:
+            swept = [SCREEN_SMOKE_SWAP.get(x, x) for x in swept]
+            fixed = SCREEN_SMOKE_FIXED + ([] if any(x.startswith("batch_size=") for x in swept) else ["batch_size=16"])
+        else:
+            fixed = SCREEN_FIXED + [f"data.root={a.data_root}"]
+        cmd = [PY, "-m", "resnet_cli.train", "-m", *fixed, *swept, "trainer.progress=plain",
+               f"hydra.sweep.dir={work / name}"]
+        steps.append(f"{shlex.join(cmd)} || rc=1")  # a failed sweep does not stop the next one
+    return ["sh", "-c", "; ".join(steps + ["exit $rc"])]
+
+
+def _screen_numbers(a: argparse.Namespace, work: Path) -> dict[str, Any]:
+    jobs = []
+    for name in SCREEN:
+        for run in _jobs(work / name) if (work / name).is_dir() else []:
+            r = json.loads((run / "results.json").read_text())
+            overrides = [x.strip("- ").strip() for x in (run / ".hydra" / "overrides.yaml").read_text().splitlines()]
+            jobs.append({"sweep": name, "overrides": [x for x in overrides if x.split("=")[0] in _swept_keys(name)],
+                         "final_val_acc": r.get("final_val_acc"), "best_val_acc": r.get("best_val_acc"),
+                         "final_test_acc": r.get("final_test_acc"), "wall_time_s": r.get("wall_time_s"),
+                         "time_to_0.93": (r.get("time_to_acc") or {}).get("0.93")})
+    if not jobs:
+        raise ValueError("no screening job finished")
+    ranked = sorted(jobs, key=lambda j: -(j["final_val_acc"] or 0.0))
+    baseline = next((j for j in jobs if j["sweep"] == "screen-lr-batch"
+                     and SCREEN_BASELINE[a.cpu_smoke] <= set(j["overrides"])), None)
+    return {"fixed": SCREEN_FIXED, "jobs": ranked, "chosen_by_final_val_acc": ranked[0], "baseline": baseline}
+
+
+def _swept_keys(name: str) -> set[str]:
+    return {x.split("=")[0] for x in SCREEN[name]}
+
+
 def _throughput_cmd(a: argparse.Namespace, work: Path) -> list[str]:
     cmd = [PY, str(REPO / "benchmarks" / "throughput.py"), "--json", str(work / "throughput.json")]
     if a.cpu_smoke:
@@ -183,6 +239,8 @@ PARTS = [
          _default_seeds_numbers, needs_data=True, extra=True),
     Part("d2l_seeds", 240, _sweep_cmd("d2l-seeds", ["experiment=d2l"], "0,1,2"), _d2l_numbers, needs_data=True,
          extra=True),
+    # About 8 x 20-60 s on an H100 (batch 128 takes longer per epoch than 256).
+    Part("screen", 420, _screen_cmd, _screen_numbers, needs_data=True, extra=True),
 ]
 
 
@@ -281,7 +339,7 @@ def main() -> int:
     p.add_argument("--data-root", help="folder with FashionMNIST/raw (default: $RESNET_CLI_DATA, then ./data)")
     p.add_argument("--budget", type=float, default=380, help="seconds for all parts together")
     p.add_argument("--parts", default=",".join(x.name for x in PARTS if not x.extra),
-                   help="comma-separated, run in this script's order; 'all' adds the seed parts")
+                   help="comma-separated, run in this script's order; 'all' adds the seed parts and the screen")
     p.add_argument("--summary", help="also write the summary here")
     a = p.parse_args()
 

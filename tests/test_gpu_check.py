@@ -35,7 +35,7 @@ def test_without_cuda_it_fails_in_one_line(tmp_path):
 
 @pytest.mark.parametrize("args,needle", [
     (["--parts", "default_run,fast"], "--parts fast: choose from default_run, pytest_gpu, throughput, step_variants, "
-                                      "default_seeds, d2l_seeds (or all)"),
+                                      "default_seeds, d2l_seeds, screen (or all)"),
     (["--data-root", "/no/such/folder"], "--data-root /no/such/folder: no FashionMNIST/raw folder there"),
 ])
 def test_bad_arguments_fail_in_one_line(args, needle):
@@ -89,3 +89,19 @@ def test_seed_parts_run_only_when_named_and_give_the_spread_over_seeds(tmp_path)
     assert abs(numbers["final_test_acc_mean"] - sum(accs) / 3) < 1e-12 and numbers["final_test_acc_std"] >= 0
     assert all(s["wall_time_s"] > 0 and "time_to_0.93" in s for s in seeds.values())
     assert summary["targets"]["default_3_seed_mean>=0.940"] == (numbers["final_test_acc_mean"] >= 0.940)
+
+
+@pytest.mark.slow
+def test_screen_compares_recipes_on_the_validation_split(tmp_path):
+    # Issue 13's 0.940: lr x batch and a CIFAR stem at 28 px, each judged on held-out training images.
+    proc = gpu_check("--cpu-smoke", "--parts", "screen", out=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    numbers = json.loads((tmp_path / "gpu-check.json").read_text())["parts"]["screen"]["numbers"]
+    jobs = numbers["jobs"]
+    assert sorted(tuple(sorted(j["overrides"])) for j in jobs if j["sweep"] == "screen-lr-batch") == sorted(
+        (f"batch_size={b}", f"lr={lr}") for lr in ("0.05", "0.1", "0.2") for b in (16, 8))
+    assert sorted(j["overrides"][-1] for j in jobs if j["sweep"] == "screen-cifar-stem") == ["lr=0.05", "lr=0.1"]
+    assert all(0 <= j["final_val_acc"] <= 1 and 0 <= j["final_test_acc"] <= 1 for j in jobs)
+    vals = [j["final_val_acc"] for j in jobs]
+    assert vals == sorted(vals, reverse=True) and numbers["chosen_by_final_val_acc"] == jobs[0]
+    assert set(numbers["baseline"]["overrides"]) == {"lr=0.05", "batch_size=16"}

@@ -111,9 +111,11 @@ def override_text(key: str, value: Any) -> str:
 
 def kept_line(key: str, old: Any, new: Any) -> str:
     """What resume tells the user about a key it kept as the checkpoint had it."""
+    # the new default as a user would type it (true, [2,2], null), a plain string unquoted
+    now = new if isinstance(new, str) else _value_text(new)
     if old is UNSET:
-        return f"{key}: left unset, as in the checkpoint (the default is {new} now)"
-    return f"{override_text(key, old)}: kept from the checkpoint (the default is {new} now)"
+        return f"{key}: left unset, as in the checkpoint (the default is {now} now)"
+    return f"{override_text(key, old)}: kept from the checkpoint (the default is {now} now)"
 
 
 def _value_text(value: Any) -> str:

@@ -193,6 +193,15 @@ def test_override_text_reads_back_as_the_value(value):
     assert OmegaConf.to_container(cfg, resolve=True)["a"] == value
 
 
+@pytest.mark.parametrize("new,shown", [(True, "true"), ([2, 2], "[2,2]"), (None, "null"), ("auto", "auto"),
+                                       (0.1, "0.1")])
+def test_kept_line_shows_the_default_as_typed(new, shown):
+    from resnet_cli.resume import UNSET, kept_line
+
+    assert kept_line("a.b", False, new) == f"a.b=false: kept from the checkpoint (the default is {shown} now)"
+    assert kept_line("a.b", UNSET, new) == f"a.b: left unset, as in the checkpoint (the default is {shown} now)"
+
+
 def test_resume_of_a_run_from_before_a_default_changed(uninterrupted, tmp_path):
     import shutil
 

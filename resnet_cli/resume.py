@@ -131,6 +131,8 @@ def _value_text(value: Any) -> str:
         return "{" + ",".join(f"{k}:{_value_text(v)}" for k, v in value.items()) + "}"
     # Quoted, so that 'true' or '10' stay strings. In Hydra's quoted strings a backslash is
     # literal except in a run that ends at a quote (or the closing quote): double those runs.
-    # `${` would be read as an interpolation: OmegaConf's escape keeps it text.
+    # `${` would be read as an interpolation: OmegaConf's escape `\${` keeps it text, and the
+    # backslashes right before it are escapes there too: double them.
     text = re.sub(r"(\\*)('|$)", lambda m: m.group(1) * 2 + ("\\'" if m.group(2) else ""), str(value))
-    return "'" + text.replace("${", "\\${") + "'"
+    text = re.sub(r"(\\*)\$\{", lambda m: m.group(1) * 2 + "\\${", text)
+    return "'" + text + "'"

@@ -244,3 +244,16 @@ def test_torchrun_with_gloo_on_the_cpu_of_a_gpu_machine(tmp_path):
     run = _torchrun(2, *SMALL, "trainer.device=cpu", cwd=tmp_path)
     assert "parameters identical on all 2 ranks" in (run / "train.log").read_text()
     assert json.loads((run / "results.json").read_text())["device"] == "cpu"
+
+
+def test_resnet_eval_with_cudnn_benchmark_agrees_with_training(tmp_path):
+    # The default trainer.cudnn_benchmark=true, which resnet-eval takes from the checkpoint, lets
+    # cuDNN pick its algorithms per shape: scores may move by an image, never more than two.
+    run_cli("resnet-train", *SMALL, "trainer.device=cuda", cwd=tmp_path, check=True)
+    run = _only_run(tmp_path)
+    run_cli("resnet-eval", f"checkpoint={run / 'checkpoints' / 'last.pt'}", f"output_dir={tmp_path / 'eval'}",
+            cwd=tmp_path, check=True)
+    results = json.loads((run / "results.json").read_text())
+    scored = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert results["device"].startswith("cuda") and scored["device"].startswith("cuda")
+    assert abs(scored["top1"] - results["final_test_acc"]) <= 2 / 100  # SMALL's 100 test images

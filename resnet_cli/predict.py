@@ -34,6 +34,8 @@ Print the most likely classes for each image.
   device=auto           auto | cpu | cuda | cuda:N | mps
   precision=null        null: the training run's policy; fp32 | bf16 | fp16
   batch_size=64         images per forward pass
+  tta_hflip=null        null: as the training run scored (trainer.tta_hflip); true: average each
+                        image's probabilities with its mirror image's; false: one view
 
 Files that cannot be read are reported on stderr and skipped.
 """
@@ -54,6 +56,7 @@ class PredictConfig:
     device: str = "auto"
     precision: Optional[str] = None
     batch_size: int = 64
+    tta_hflip: Optional[bool] = None  # null: what the training run's evaluation did
 
 
 class ImageError(ValueError):
@@ -107,10 +110,11 @@ def load_image(path: Path, channels: int) -> torch.Tensor:
 @torch.inference_mode()
 def predict_images(model: nn.Module, prep: Preprocess, paths: Sequence[Path], topk: int,
                    class_names: Sequence[str], device: torch.device | str = "cpu", precision: str = "fp32",
-                   channels_last: bool = False, batch_size: int = 64
+                   channels_last: bool = False, batch_size: int = 64, tta_hflip: bool = False
                    ) -> tuple[list[dict[str, Any]], list[tuple[Path, str]]]:
     """(one {file, topk: [{label, name, prob}]} per readable image in order, skipped files
-    with the reason). Probabilities are the softmax over all classes."""
+    with the reason). Probabilities are the softmax over all classes; with tta_hflip the mean
+    of the image's and its mirror image's, as evaluation averages them."""
     from .engine import autocast
 
     device = torch.device(device)
@@ -126,7 +130,10 @@ def predict_images(model: nn.Module, prep: Preprocess, paths: Sequence[Path], to
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast(device, precision):
             logits = model(x)
+            mirrored = model(x.flip(3)) if tta_hflip else None
         probs = logits.float().softmax(1)
+        if mirrored is not None:
+            probs = (probs + mirrored.float().softmax(1)) / 2
         top_p, top_i = probs.topk(k, dim=1)
         for (path, _), ps, ix in zip(pending, top_p.tolist(), top_i.tolist()):
             results.append({"file": str(path),
@@ -171,6 +178,7 @@ def show(results: list[dict[str, Any]], stream=None) -> None:
 
 def run(argv: list[str]) -> list[dict[str, Any]]:
     from .checkpoint import load_checkpoint
+    from .config import tta_hflip_on
     from .inference import as_device, as_precision, load_model, parse_args, require, resolve_checkpoint
 
     cfg = parse_args("predict", PredictConfig, argv, PATH_KEYS, USAGE).cfg
@@ -196,8 +204,11 @@ def run(argv: list[str]) -> list[dict[str, Any]]:
     channels_last = bool(ckpt["config"].get("trainer", {}).get("channels_last", True))
     loaded = load_model(ckpt, path, device, channels_last)
     precision = as_precision(cfg["precision"], ckpt["config"], device)
+    tta = cfg["tta_hflip"]
+    if tta is None:  # as resnet-eval: what the run's own evaluation did
+        tta = tta_hflip_on(ckpt["config"].get("trainer", {}), ckpt["config"].get("data", {}))
     results, skipped = predict_images(loaded.model, loaded.prep, paths, cfg["topk"], loaded.class_names, device,
-                                      precision, channels_last, cfg["batch_size"])
+                                      precision, channels_last, cfg["batch_size"], tta)
     for _, why in skipped:
         print(f"warning: {why}; skipped", file=sys.stderr)
     if not results:

@@ -104,6 +104,28 @@ def test_topk_is_capped_and_unreadable_files_skipped(run_dir, image_dir, monkeyp
     assert "corrupt.png" in err and "missing.png" in err and "Traceback" not in err
 
 
+def test_flip_tta_averages_an_image_with_its_mirror_image(run_dir, image_dir, tmp_path, monkeypatch, capsys):
+    # As resnet-eval scores: the mean of the two views' probabilities. The tiny run did not flip
+    # images, so by default (null: as the run scored) predict takes one view.
+    from resnet_cli.predict import main
+
+    Image.open(image_dir / "gray_0.png").transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(tmp_path / "mirror.png")
+
+    def probs(image: Path, *extra: str) -> torch.Tensor:
+        code, out, err = call_main(main, "resnet-predict", [f"checkpoint={run_dir}", f"inputs={image}", "topk=10",
+                                                            "format=json", "precision=fp32", *extra], monkeypatch, capsys)
+        assert code == 0, err
+        got = torch.zeros(10)
+        for c in json.loads(out)[0]["topk"]:
+            got[c["label"]] = c["prob"]
+        return got
+
+    plain, mirror = probs(image_dir / "gray_0.png"), probs(tmp_path / "mirror.png")
+    assert not torch.allclose(plain, mirror, atol=1e-4)  # the mirror image is another input
+    assert torch.allclose(probs(image_dir / "gray_0.png", "tta_hflip=true"), (plain + mirror) / 2, atol=1e-5)
+    assert torch.equal(probs(image_dir / "gray_0.png", "tta_hflip=false"), plain)
+
+
 def test_load_image_converts_modes(tmp_path):
     from resnet_cli.predict import ImageError, load_image
 

@@ -8,7 +8,8 @@ Parts, most important first, each with its own timeout inside an overall budget:
   throughput     benchmarks/throughput.py: reference loop vs resnet-cli, d2l_resnet18 and resnet18
   step_variants  benchmarks/step_variants.py --profile: why d2l_resnet18 is slower
 
-Issue 13's accuracy over seeds on the GPU, only when asked for (--parts all, or by name),
+Issue 13's accuracy over seeds on the GPU, only when asked for (--parts all, or by name; the
+screen only by name, in a call of its own),
 since the four parts above must finish in under 7 minutes on an H100:
   default_seeds  seeds 1 and 2 of the default run; with default_run's seed 0: mean, std, min, max
   d2l_seeds      resnet-train experiment=d2l, seeds 0-2: the reference recipe on the same card
@@ -57,6 +58,7 @@ class Part:
     numbers: Callable[[argparse.Namespace, Path], dict[str, Any]]
     needs_data: bool = False
     extra: bool = False  # run only when named in --parts (or --parts all)
+    by_name: bool = False  # run only when named in --parts (not with all: it needs a call of its own)
 
 
 # ---------------------------------------------------------------- the parts' commands and numbers
@@ -162,16 +164,21 @@ def _screen_cmd(a: argparse.Namespace, work: Path) -> list[str]:
     import shlex
 
     steps = ["rc=0"]
-    for name, swept in SCREEN.items():
-        if a.cpu_smoke:
-            swept = [SCREEN_SMOKE_SWAP.get(x, x) for x in swept]
-            fixed = SCREEN_SMOKE_FIXED + ([] if any(x.startswith("batch_size=") for x in swept) else ["batch_size=16"])
-        else:
-            fixed = SCREEN_FIXED + [f"data.root={a.data_root}"]
+    for name in SCREEN:
+        fixed, swept = _screen_overrides(a, name)
         cmd = [PY, "-m", "resnet_cli.train", "-m", *fixed, *swept, "trainer.progress=plain",
                f"hydra.sweep.dir={work / name}"]
         steps.append(f"{shlex.join(cmd)} || rc=1")  # a failed sweep does not stop the next one
     return ["sh", "-c", "; ".join(steps + ["exit $rc"])]
+
+
+def _screen_overrides(a: argparse.Namespace, name: str) -> tuple[list[str], list[str]]:
+    """(fixed, swept) overrides of one screening sweep, as run (tiny with --cpu-smoke)."""
+    swept = SCREEN[name]
+    if not a.cpu_smoke:
+        return SCREEN_FIXED + [f"data.root={a.data_root}"], swept
+    swept = [SCREEN_SMOKE_SWAP.get(x, x) for x in swept]
+    return SCREEN_SMOKE_FIXED + ([] if any(x.startswith("batch_size=") for x in swept) else ["batch_size=16"]), swept
 
 
 def _screen_numbers(a: argparse.Namespace, work: Path) -> dict[str, Any]:
@@ -189,7 +196,7 @@ def _screen_numbers(a: argparse.Namespace, work: Path) -> dict[str, Any]:
     ranked = sorted(jobs, key=lambda j: -(j["final_val_acc"] or 0.0))
     baseline = next((j for j in jobs if j["sweep"] == "screen-lr-batch"
                      and SCREEN_BASELINE[a.cpu_smoke] <= set(j["overrides"])), None)
-    return {"fixed": SCREEN_FIXED, "jobs": ranked, "chosen_by_final_val_acc": ranked[0], "baseline": baseline}
+    return {"fixed": {name: _screen_overrides(a, name)[0] for name in SCREEN}, "jobs": ranked, "chosen_by_final_val_acc": ranked[0], "baseline": baseline}
 
 
 def _swept_keys(name: str) -> set[str]:
@@ -245,7 +252,7 @@ PARTS = [
     Part("d2l_seeds", 240, _sweep_cmd("d2l-seeds", ["experiment=d2l"], "0,1,2"), _d2l_numbers, needs_data=True,
          extra=True),
     # About 10 x 20-60 s on an H100 (batch 128 takes longer per epoch than 256).
-    Part("screen", 540, _screen_cmd, _screen_numbers, needs_data=True, extra=True),
+    Part("screen", 540, _screen_cmd, _screen_numbers, needs_data=True, extra=True, by_name=True),
 ]
 
 
@@ -344,7 +351,8 @@ def main() -> int:
     p.add_argument("--data-root", help="folder with FashionMNIST/raw (default: $RESNET_CLI_DATA, then ./data)")
     p.add_argument("--budget", type=float, default=380, help="seconds for all parts together")
     p.add_argument("--parts", default=",".join(x.name for x in PARTS if not x.extra),
-                   help="comma-separated, run in this script's order; 'all' adds the seed parts and the screen")
+                   help="comma-separated, run in this script's order; 'all' adds the seed parts (the screen "
+                        "runs only by name)")
     p.add_argument("--summary", help="also write the summary here")
     a = p.parse_args()
 
@@ -359,7 +367,7 @@ def main() -> int:
         print(f"error: --data-root {a.data_root}: no FashionMNIST/raw folder there", file=sys.stderr)
         return 2
     a.data_root = root
-    chosen = [x.name for x in PARTS] if a.parts == "all" else [x for x in a.parts.split(",") if x]
+    chosen = [x.name for x in PARTS if not x.by_name] if a.parts == "all" else [x for x in a.parts.split(",") if x]
     unknown = [x for x in chosen if x not in {part.name for part in PARTS}]
     if unknown:
         print(f"error: --parts {unknown[0]}: choose from {', '.join(x.name for x in PARTS)} (or all)", file=sys.stderr)

@@ -133,6 +133,6 @@ def _value_text(value: Any) -> str:
     # literal except in a run that ends at a quote (or the closing quote): double those runs.
     # `${` would be read as an interpolation: OmegaConf's escape `\${` keeps it text, and the
     # backslashes right before it are escapes there too: double them.
-    text = re.sub(r"(\\*)('|$)", lambda m: m.group(1) * 2 + ("\\'" if m.group(2) else ""), str(value))
+    text = re.sub(r"(\\*)('|\Z)", lambda m: m.group(1) * 2 + ("\\'" if m.group(2) else ""), str(value))
     text = re.sub(r"(\\*)\$\{", lambda m: m.group(1) * 2 + "\\${", text)
     return "'" + text + "'"

@@ -108,3 +108,4 @@ def test_screen_compares_recipes_on_the_validation_split(tmp_path):
     vals = [j["final_val_acc"] for j in jobs]
     assert vals == sorted(vals, reverse=True) and numbers["chosen_by_final_val_acc"] == jobs[0]
     assert set(numbers["baseline"]["overrides"]) == {"lr=0.05", "batch_size=16"}
+    assert "data=synthetic" in numbers["fixed"]["screen-lr-batch"]  # what ran, not the GPU list

@@ -181,7 +181,7 @@ def test_a_changed_default_keeps_the_checkpoints_value_unless_typed():
 
 
 @pytest.mark.parametrize("value", [None, True, False, 3, 0.1, 1e-05, "auto", "true", "10", "it's", "a\\b",
-                                   "ends\\", "q\\'", "${lr}", "a\\${x}", "\\\\${", "\\'${a}'\\",
+                                   "ends\\", "q\\'", "${lr}", "a\\${x}", "\\\\${", "\\'${a}'\\", "a\\\n",
                                    [1, "b", None], [0.5, [2, 3]]])
 def test_override_text_reads_back_as_the_value(value):
     from hydra.core.override_parser.overrides_parser import OverridesParser

@@ -118,12 +118,14 @@ def _seed_stats(runs: list[Path]) -> dict[str, Any]:
             "final_test_acc_min": min(accs), "final_test_acc_max": max(accs)}
 
 
+def _overrides(run: Path) -> list[str]:
+    """The overrides a run was started with, as Hydra saved them (one `- key=value` a line)."""
+    return [line.strip("- ") for line in (run / ".hydra" / "overrides.yaml").read_text().splitlines()]
+
+
 def _seed_of(run: Path) -> int:
-    """The seed a run was started with, from the overrides Hydra saved (0: the config's default)."""
-    for line in (run / ".hydra" / "overrides.yaml").read_text().splitlines():
-        if line.strip("- ").startswith("seed="):
-            return int(line.strip("- ").split("=", 1)[1])
-    return 0
+    """The seed a run was started with (0: the config's default)."""
+    return next((int(x.split("=", 1)[1]) for x in _overrides(run) if x.startswith("seed=")), 0)
 
 
 def _jobs(sweep: Path) -> list[Path]:
@@ -184,10 +186,10 @@ def _screen_overrides(a: argparse.Namespace, name: str) -> tuple[list[str], list
 def _screen_numbers(a: argparse.Namespace, work: Path) -> dict[str, Any]:
     jobs = []
     for name in SCREEN:
+        swept = {x.split("=")[0] for x in SCREEN[name]}
         for run in _jobs(work / name) if (work / name).is_dir() else []:
             r = json.loads((run / "results.json").read_text())
-            overrides = [x.strip("- ").strip() for x in (run / ".hydra" / "overrides.yaml").read_text().splitlines()]
-            jobs.append({"sweep": name, "overrides": [x for x in overrides if x.split("=")[0] in _swept_keys(name)],
+            jobs.append({"sweep": name, "overrides": [x for x in _overrides(run) if x.split("=")[0] in swept],
                          "final_val_acc": r.get("final_val_acc"), "best_val_acc": r.get("best_val_acc"),
                          "final_test_acc": r.get("final_test_acc"), "wall_time_s": r.get("wall_time_s"),
                          "time_to_0.93": (r.get("time_to_acc") or {}).get("0.93")})
@@ -196,11 +198,8 @@ def _screen_numbers(a: argparse.Namespace, work: Path) -> dict[str, Any]:
     ranked = sorted(jobs, key=lambda j: -(j["final_val_acc"] or 0.0))
     baseline = next((j for j in jobs if j["sweep"] == "screen-lr-batch"
                      and SCREEN_BASELINE[a.cpu_smoke] <= set(j["overrides"])), None)
-    return {"fixed": {name: _screen_overrides(a, name)[0] for name in SCREEN}, "jobs": ranked, "chosen_by_final_val_acc": ranked[0], "baseline": baseline}
-
-
-def _swept_keys(name: str) -> set[str]:
-    return {x.split("=")[0] for x in SCREEN[name]}
+    return {"fixed": {name: _screen_overrides(a, name)[0] for name in SCREEN}, "jobs": ranked,
+            "chosen_by_final_val_acc": ranked[0], "baseline": baseline}
 
 
 def _throughput_cmd(a: argparse.Namespace, work: Path) -> list[str]:

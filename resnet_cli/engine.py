@@ -308,6 +308,20 @@ def _pad_to(x: torch.Tensor, n: int) -> torch.Tensor:
     return torch.cat([x, x.new_zeros((n - x.shape[0], *x.shape[1:]))])
 
 
+def scored_logits(model: nn.Module, x: torch.Tensor, device: torch.device, precision: str,
+                  tta_hflip: bool = False) -> torch.Tensor:
+    """The model's float logits for x as evaluation scores them. With flip TTA: the log of the
+    mean of the image's and its mirror image's probabilities, still a proper input to
+    cross-entropy and softmax (test-time augmentation, for data whose classes survive a flip)."""
+    with autocast(device, precision):
+        logits = model(x)
+        mirrored = model(x.flip(3)) if tta_hflip else None
+    if mirrored is None:
+        return logits.float()
+    probs = (logits.float().softmax(1) + mirrored.float().softmax(1)) / 2
+    return probs.clamp_min(1e-12).log()
+
+
 @torch.inference_mode()
 def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], device: torch.device,
              precision: str, channels_last: bool = True, loss_fn: nn.Module | None = None,
@@ -319,8 +333,7 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tenso
     fixed_batch: pad a short last batch to this size (the padded rows are dropped from the
     output; in eval mode every image is computed on its own): one input shape, so cudnn's
     autotuner does not time every layer again for the ragged tail (issue 12).
-    tta_hflip: average the softmax of each image and its mirror image (test-time augmentation,
-    for data whose classes survive a horizontal flip)."""
+    tta_hflip: average the softmax of each image and its mirror image (`scored_logits`)."""
     model.eval()
     loss_fn = loss_fn or nn.CrossEntropyLoss()
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
@@ -333,14 +346,7 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tenso
             x = _pad_to(x, fixed_batch)
         if channels_last and x.ndim == 4:
             x = x.contiguous(memory_format=torch.channels_last)
-        with autocast(device, precision):
-            logits = model(x)
-            if tta_hflip:
-                mirrored = model(x.flip(3))
-        logits = logits[:n].float()
-        if tta_hflip:  # log of the mean probability: still a proper input to cross-entropy
-            probs = (logits.softmax(1) + mirrored[:n].float().softmax(1)) / 2
-            logits = probs.clamp_min(1e-12).log()
+        logits = scored_logits(model, x, device, precision, tta_hflip)[:n]
         loss_sum += loss_fn(logits, y).double() * y.shape[0]
         k = min(max(topk), logits.shape[1])
         top = logits.topk(k, dim=1).indices

@@ -115,7 +115,7 @@ def predict_images(model: nn.Module, prep: Preprocess, paths: Sequence[Path], to
     """(one {file, topk: [{label, name, prob}]} per readable image in order, skipped files
     with the reason). Probabilities are the softmax over all classes; with tta_hflip the mean
     of the image's and its mirror image's, as evaluation averages them."""
-    from .engine import autocast
+    from .engine import scored_logits
 
     device = torch.device(device)
     model.eval()
@@ -128,12 +128,7 @@ def predict_images(model: nn.Module, prep: Preprocess, paths: Sequence[Path], to
         x = torch.cat([t for _, t in pending])
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        with autocast(device, precision):
-            logits = model(x)
-            mirrored = model(x.flip(3)) if tta_hflip else None
-        probs = logits.float().softmax(1)
-        if mirrored is not None:
-            probs = (probs + mirrored.float().softmax(1)) / 2
+        probs = scored_logits(model, x, device, precision, tta_hflip).softmax(1)
         top_p, top_i = probs.topk(k, dim=1)
         for (path, _), ps, ix in zip(pending, top_p.tolist(), top_i.tolist()):
             results.append({"file": str(path),

@@ -339,6 +339,10 @@ def _train(cfg: dict[str, Any], run_dir: Path, dinfo: DistInfo, stop: StopSignal
                                   f"this run is on {device.type}; set it to false")
             model = core = nn.SyncBatchNorm.convert_sync_batchnorm(core)
         model = nn.parallel.DistributedDataParallel(core, device_ids=[device.index] if device.type == "cuda" else None)
+    elif tcfg["sync_batchnorm"]:
+        # One process has no other batches to sync with: BatchNorm is already exact; say so rather than
+        # let the user believe the flag did something.
+        log.warning("trainer.sync_batchnorm=true has no effect in a single process (it applies under torchrun)")
     if tcfg["compile"]:
         model = torch.compile(model)
 

@@ -149,8 +149,17 @@ def val_run(tmp_path_factory):
     run = cwd / "run"
     run_cli("resnet-train", "data=synthetic", "data.train_size=256", "data.test_size=64", "data.val_size=64",
             "model=resnet20", "model.layers=[1,1,1]", "batch_size=32", "epochs=3", "trainer.progress=none",
-            "trainer.ema_decay=0.9", "trainer.tta_hflip=true", f"hydra.run.dir={run}", cwd=cwd, check=True)
+            "trainer.ema_decay=0.9", "trainer.tta_hflip=true", "trainer.sync_batchnorm=true", f"hydra.run.dir={run}",
+            cwd=cwd, check=True)
     return run
+
+
+def test_sync_batchnorm_in_one_process_says_it_has_no_effect(val_run):
+    """A single process has nobody to sync BatchNorm with; the run says so instead of silently
+    ignoring the key the user typed (it still trains)."""
+    log = (val_run / "train.log").read_text()
+    assert "trainer.sync_batchnorm=true has no effect in a single process" in log
+    assert (val_run / "results.json").is_file()
 
 
 def test_a_validation_split_selects_the_best_checkpoint(val_run):

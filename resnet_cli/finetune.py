@@ -50,6 +50,9 @@ def check_freeze(names: list[str], num_stages: int) -> None:
         if name not in allowed:
             raise ModelConfigError(f"model.freeze=[{', '.join(names)}]: unknown part {name}; "
                                    f"choose from {', '.join(allowed)}")
+    if names and set(allowed) <= set(names):
+        raise ModelConfigError(f"model.freeze=[{', '.join(names)}]: that is every part, nothing is left to train; "
+                               f"leave at least one of {', '.join(allowed)} out")
 
 
 # ---------------------------------------------------------------- reading weights

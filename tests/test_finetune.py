@@ -167,13 +167,16 @@ def test_backbone_lr_scale_holds_through_the_schedule():
 
 @pytest.mark.parametrize("keys,needle", [
     ({"freeze": ["stem", "layer9"]}, "model.freeze=[stem, layer9]: unknown part layer9; choose from stem, layer1"),
+    ({"freeze": ["stem", "layer1", "layer2", "layer3", "layer4", "fc"]},
+     "model.freeze=[stem, layer1, layer2, layer3, layer4, fc]: that is every part, nothing is left to train"),
     ({"backbone_lr_scale": 0.0}, "model.backbone_lr_scale=0.0: must be > 0"),
     ({"init_from": "/nonexistent/resnet18.pth"}, "model.init_from=/nonexistent/resnet18.pth: no such file"),
 ])
 def test_bad_keys_are_refused_before_anything_runs(keys, needle, tmp_path):
     with pytest.raises(ModelConfigError, match=needle.replace("[", r"\[").replace("]", r"\]")):
         check(cfg(**keys), resuming=False)
-    override = {"freeze": "model.freeze=[stem,layer9]", "backbone_lr_scale": "model.backbone_lr_scale=0",
+    override = {"freeze": f"model.freeze=[{','.join(keys.get('freeze') or [])}]",
+                "backbone_lr_scale": "model.backbone_lr_scale=0",
                 "init_from": "model.init_from=/nonexistent/resnet18.pth"}[next(iter(keys))]
     proc = run_cli("resnet-train", "data=synthetic", override, cwd=tmp_path)
     assert_one_error_line(proc.returncode, proc.stderr, needle)

@@ -460,3 +460,19 @@ def test_summary_command_into_a_closed_pipe_is_quiet(fake_sweep: Path):
                           stderr=subprocess.PIPE, text=True, timeout=120)
     os.close(write)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_terminal_table_shows_bracketed_values_as_typed(tmp_path: Path, monkeypatch):
+    """On a terminal the table is drawn by rich; a cell such as [stem,layer1] or one with
+    [/...] in it is text, not markup (rich dropped the first and refused the second)."""
+    from resnet_cli.sweep import collect
+    from resnet_cli.sweep.table import render_table
+
+    monkeypatch.setenv("COLUMNS", "200")  # no folded cells
+    s = tmp_path / "sweep"
+    _job(s, 0, ["model.freeze=[stem,layer1]", "tag=[/a]"], model="resnet20", lr=0.1, accs=[0.5])
+    _job(s, 1, ["model.freeze=[stem]", "tag=[/b]"], model="resnet20", lr=0.1, accs=[0.6])
+    rows, swept, _ = collect(s, final=True)
+    out = render_table(rows, swept, s, tty=True)
+    assert "[stem,layer1]" in out and "[/a]" in out
+    assert "best: job 1  model.freeze=[stem] tag=[/b]  best_test_acc 0.5500" in out

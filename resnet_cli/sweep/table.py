@@ -241,17 +241,20 @@ def _draw(title: str, header: list[str], right: set[int], body: list[list[str]],
 
         from rich.console import Console
         from rich.table import Table
+        from rich.text import Text
 
-        table = Table(title=title, title_justify="left")
+        # Text, not markup: cells hold user values such as model.freeze=[stem,layer1] or a path
+        # with [/...] in it, which rich would otherwise drop or refuse as tags.
+        table = Table(title=Text(title), title_justify="left")
         for i, h in enumerate(header):
-            table.add_column(h, justify="right" if i in right else "left", overflow="fold")
+            table.add_column(Text(h), justify="right" if i in right else "left", overflow="fold")
         for cells, style in zip(body, styles):
-            table.add_row(*cells, style=style)
+            table.add_row(*(Text(c) for c in cells), style=style)
         buf = io.StringIO()
         console = Console(file=buf, force_terminal=True, width=shutil.get_terminal_size().columns)
         console.print(table)
         if closing:
-            console.print(closing, style=closing_style, highlight=False, soft_wrap=True)
+            console.print(Text(closing), style=closing_style, highlight=False, soft_wrap=True)
         return buf.getvalue()
     widths = [max(len(h), *(len(c[i]) for c in body)) if body else len(h) for i, h in enumerate(header)]
 

@@ -60,7 +60,11 @@ def local_store(uri: str) -> Path | None:
 def tracking_uri(uri: str) -> str:
     """Absolute, so a resumed run or resnet-eval started elsewhere finds the same store."""
     folder = local_store(uri)
-    return folder.absolute().as_uri() if folder is not None else uri
+    if folder is not None:
+        return folder.absolute().as_uri()
+    if uri.startswith("sqlite:///"):  # sqlite:///rel.db is relative to the folder a process starts in
+        return "sqlite:///" + str(Path(uri[len("sqlite:///"):]).expanduser().absolute())
+    return uri
 
 
 def check(logger_cfg: Mapping[str, Any] | None) -> None:
@@ -218,7 +222,12 @@ class Mlflow:
         else a new run in the experiment, created if need be."""
         from mlflow.tracking import MlflowClient
 
-        uri = tracking_uri(str(ml_cfg["tracking_uri"]))
+        given = str(ml_cfg["tracking_uri"])
+        uri = tracking_uri(given)
+        if previous and previous.get("tracking_uri") and previous.get("tracking_uri_given") == given:
+            # The same (maybe relative) setting as when the run began means the store it meant
+            # then, not one beside the folder this resume was started from.
+            uri = previous["tracking_uri"]
         with file_store_allowed(uri):
             client = MlflowClient(uri)
             if previous and previous.get("tracking_uri") == uri and _run_exists(client, previous.get("run_id")) \
@@ -369,7 +378,8 @@ class Trackers:
             with _cannot_log("mlflow", self.cfg["mlflow"]["tracking_uri"]):
                 self.mlflow = Mlflow.start(self.cfg["mlflow"], previous.get("mlflow"), flat_params(cfg), tags,
                                            global_step // steps_per_epoch)
-            state["mlflow"] = {"tracking_uri": self.mlflow.uri, "run_id": self.mlflow.run_id}
+            state["mlflow"] = {"tracking_uri": self.mlflow.uri, "run_id": self.mlflow.run_id,
+                               "tracking_uri_given": str(self.cfg["mlflow"]["tracking_uri"])}
         atomic_write_json(self.run_dir / STATE_FILE, state)
 
     def log_step(self, epoch: int, running: "Running", lr: float) -> None:
@@ -399,9 +409,19 @@ class Trackers:
 
     def log_results(self, cfg: Mapping[str, Any], results: Mapping[str, Any]) -> None:
         """At the end: hparams with the final metrics, curves.png, and the MLflow artifacts.
-        Not again for a resume that had nothing left to train: its earlier life logged them."""
+        Not again for a resume that had nothing left to train: its earlier life logged them.
+        A failure here (a store that went away, an upload refused) is a warning: the run has
+        finished and written results.json, so its outcome must not turn into a failure."""
         if not self._epochs_logged:
             return
+        try:
+            self._log_results(cfg, results)
+        except Exception as e:  # the trackers' own error types; all mean "could not log there"
+            first = (str(e).strip().splitlines() or [""])[0][:200]
+            log.warning("could not log the final results to the trackers (%s: %s); the run's own files are "
+                        "complete in %s", type(e).__name__, first, self.run_dir)
+
+    def _log_results(self, cfg: Mapping[str, Any], results: Mapping[str, Any]) -> None:
         final = {"best_test_acc": results.get("best_test_acc"), "final_test_acc": results["final"].get("test_acc"),
                  "final_train_loss": results["final"].get("train_loss")}
         final = {k: float(v) for k, v in final.items() if v is not None}

@@ -176,6 +176,49 @@ def test_ctrl_c_then_resume_continues_the_same_runs(tmp_path):
     assert mlflow_history(client, run_id, "test_acc") == [(r["epoch"], r["test_acc"]) for r in table]
 
 
+def test_resume_from_another_folder_goes_on_in_the_same_mlflow_run(tmp_path):
+    """The default tracking_uri is relative (outputs/mlruns); a resume started in another folder
+    still means the store the run began with, not a new one beside that folder."""
+    first, elsewhere = tmp_path / "first", tmp_path / "elsewhere"
+    first.mkdir(), elsewhere.mkdir()
+    run = first / "run"
+    run_cli("resnet-train", *TINY, "epochs=1", "logger=mlflow", f"hydra.run.dir={run}", cwd=first, check=True)
+    state = json.loads((run / "trackers.json").read_text())
+    assert state["mlflow"]["tracking_uri"] == (first / "outputs" / "mlruns").as_uri()
+    proc = run_cli("resnet-train", f"resume={run}", "epochs=2", cwd=elsewhere, check=True)
+    assert "mlflow: continuing run" in proc.stdout
+    assert json.loads((run / "trackers.json").read_text()) == state
+    assert not (elsewhere / "outputs").exists()
+    client, run_id = mlflow_client(run)
+    assert mlflow_history(client, run_id, "test_acc") == [(r["epoch"], r["test_acc"]) for r in rows(run)]
+
+
+def test_a_tracker_failing_at_the_end_does_not_fail_a_finished_run(tmp_path, caplog):
+    """results.json is written before the final logging; if the store then refuses (here the
+    MLflow run was deleted meanwhile), the run stays finished and says so in one warning."""
+    import logging
+
+    from mlflow.tracking import MlflowClient
+
+    from resnet_cli.trackers import Trackers
+
+    uri = (tmp_path / "mlruns").as_uri()
+    cfg = {"model": {"name": "resnet20"}, "data": {"name": "synthetic"}, "resume": None}
+    logger = {"mlflow": {"tracking_uri": uri, "experiment_name": "e", "run_name": "r", "log_checkpoint": False}}
+    row = {"epoch": 1, "train_loss": 1.0, "test_acc": 0.5}
+    results = {"epochs": 1, "final": row, "best_test_acc": 0.5}
+    with caplog.at_level(logging.WARNING, logger="resnet_cli"):
+        with Trackers(logger, tmp_path) as trackers:
+            trackers.start(cfg, steps_per_epoch=4, global_step=0, running=None, device="cpu")
+            trackers.log_epoch(row)
+            with file_store_allowed(uri):
+                MlflowClient(uri).delete_run(trackers.mlflow.run_id)
+            trackers.log_results(cfg, results)  # does not raise
+    warnings = [r.getMessage() for r in caplog.records]
+    assert any(w.startswith("could not log the final results to the trackers (MlflowException") and
+               f"complete in {tmp_path}" in w for w in warnings), warnings
+
+
 @pytest.mark.slow
 def test_a_multirun_is_one_experiment_with_one_run_per_job(tmp_path):
     uri = tmp_path / "mlruns"

@@ -198,11 +198,15 @@ def check_output_folder(overrides: list[str], multirun: bool, config_name: str =
                               f"resume={folder}, or choose another folder")
     numbered = OmegaConf.to_container(hcfg.sweep, resolve=False).get("subdir") == "${hydra.job.num}"
     if multirun and numbered:  # jobs numbered from 0 again would land in the earlier sweep's folders
-        held = sorted(str(p.relative_to(folder)) for n in names for p in Path(folder).glob(f"*/{n}")
-                      if p.relative_to(folder).parts[0].isdigit())
+        # Also a job that failed before writing anything else (its error.txt, its .hydra record):
+        # the new sweep's summary would count it as one of its own.
+        held = sorted(str(p.relative_to(folder)) for n in (*names, "error.txt", ".hydra/overrides.yaml")
+                      for p in Path(folder).glob(f"*/{n}") if p.relative_to(folder).parts[0].isdigit())
         if held:
-            raise ConfigError(f"{key}={folder}: holds a sweep's runs already ({held[0]}); choose another "
-                              f"folder (each job can be continued with resume={Path(folder) / Path(held[0]).parts[0]})")
+            runs = [h for h in held if h.endswith(names)]
+            hint = f" (each job can be continued with resume={Path(folder) / Path(runs[0]).parts[0]})" if runs else ""
+            raise ConfigError(f"{key}={folder}: holds a sweep's jobs already ({(runs or held)[0]}); "
+                              f"choose another folder{hint}")
     return str(folder)
 
 

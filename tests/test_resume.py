@@ -262,7 +262,7 @@ def test_a_primary_config_of_the_users_names_the_folders(tmp_path):
     assert len(rows) == 2
     proc = run_cli("resnet-train", *sweep, cwd=tmp_path)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and proc.stderr.startswith(
-        "error: hydra.sweep.dir=sweeps/mine: holds a sweep's runs already (0/checkpoints/last.pt)"), proc.stderr
+        "error: hydra.sweep.dir=sweeps/mine: holds a sweep's jobs already (0/checkpoints/last.pt)"), proc.stderr
     assert {p: p.read_text() for p in rows} == rows
 
 

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import statistics
 from pathlib import Path
 
 import pytest
 from conftest import run_cli
 from omegaconf import OmegaConf
+
+from resnet_cli.sweep.folder import LIVE_FILE
 
 # A job of a few seconds on 2 CPU cores.
 SMALL = ("data=synthetic", "data.train_size=64", "data.test_size=32", "data.image_size=12", "batch_size=32",
@@ -152,6 +155,58 @@ def test_summary_while_running_and_without_lr_sweep(tmp_path: Path):
     assert (s / "summary.png").is_file()  # lr not swept: one bar per job
     assert not (s / "training_error.png").exists()
     assert json.loads((s / "summary.json").read_text())["jobs"][1]["status"] == "failed"
+
+
+@pytest.mark.parametrize("alive", [True, False])
+def test_summary_rebuilt_beside_a_running_sweep(fake_sweep: Path, alive: bool, monkeypatch, capsys):
+    """`python -m resnet_cli.sweep DIR` while the sweep's process still runs: a job with no
+    results.json and no error.txt is running, not failed, and only real failures set the exit
+    code. Once that process is gone (killed outright: its marker is left), the job was
+    interrupted: failed."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from resnet_cli.sweep import main
+    from resnet_cli.sweep.folder import LIVE_FILE
+
+    if alive:
+        pid = os.getpid()
+    else:
+        gone = subprocess.Popen([sys.executable, "-c", "pass"])
+        gone.wait()
+        pid = gone.pid
+    (fake_sweep / LIVE_FILE).write_text(json.dumps({"pid": pid, "host": socket.gethostname()}))
+    monkeypatch.chdir(fake_sweep.parents[2])
+    with pytest.raises(SystemExit) as exit_:
+        main([str(fake_sweep)])
+    out = capsys.readouterr().out
+    statuses = [r["status"] for r in _csv(fake_sweep / "summary.csv")]
+    assert exit_.value.code == 1  # job 3 failed (error.txt) either way
+    if alive:
+        assert statuses == ["ok", "ok", "ok", "failed", "running"]
+        assert "5 jobs, 3 ok, 1 failed, 1 running" in out
+        assert f"1 job(s) still running: the sweep (pid {pid} on {socket.gethostname()}) has not ended" in out
+        assert json.loads((fake_sweep / "summary.json").read_text())["n_failed"] == 1
+    else:
+        assert statuses == ["ok", "ok", "ok", "failed", "failed"]
+        assert "5 jobs, 3 ok, 2 failed" in out and "still running" not in out
+
+
+def test_the_callback_marks_a_sweep_running_from_start_to_end(tmp_path: Path):
+    import os
+    import socket
+
+    from resnet_cli.sweep import SweepSummary
+    from resnet_cli.sweep.folder import running_sweep
+
+    config = OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path / "sweep")}, "runtime": {"cwd": str(tmp_path)}}})
+    callback = SweepSummary(print_table=False)
+    callback.on_multirun_start(config)
+    assert running_sweep(tmp_path / "sweep") == f"pid {os.getpid()} on {socket.gethostname()}"
+    callback.on_multirun_end(config)
+    assert running_sweep(tmp_path / "sweep") is None and not (tmp_path / "sweep" / LIVE_FILE).exists()
 
 
 def test_training_error_plot_setting(tmp_path: Path):
@@ -409,6 +464,7 @@ def test_multirun_with_a_failing_job(tmp_path: Path):
     assert "4 jobs, 2 ok, 2 failed" in proc.stdout
     for name in ("summary.png", "training_error.png"):
         assert (sweep_dir / name).read_bytes().startswith(PNG)
+    assert not (sweep_dir / LIVE_FILE).exists()  # the sweep has ended: nothing says it runs
     # One process ran the jobs in turn: the first job's clock counts the process's start-up
     # (the imports), a later job's only its own time, not the jobs before it.
     first, third = (json.loads((Path(rows[i]["dir"]) / "results.json").read_text()) for i in (0, 2))
@@ -417,6 +473,16 @@ def test_multirun_with_a_failing_job(tmp_path: Path):
         assert results["wall_time_s"] == pytest.approx(results["time_s"]["total"], abs=0.5)
         (row,) = [json.loads(x) for x in (Path(rows[i]["dir"]) / "metrics.jsonl").read_text().splitlines()]
         assert row["elapsed_s"] <= results["wall_time_s"]  # one clock: time_to_acc, the summary, results
+    # A new sweep into this folder is refused, also where only failed jobs are left (they would
+    # be summarized as the new sweep's): nothing there changes.
+    for ok in ("0", "2"):
+        shutil.rmtree(sweep_dir / ok)
+    before = sorted(p for p in sweep_dir.rglob("*"))
+    proc = run_cli("resnet-train", "-m", *SMALL, "lr=0.1,0.2", f"hydra.sweep.dir={sweep_dir}", cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and proc.stderr.startswith(
+        f"error: hydra.sweep.dir={sweep_dir}: holds a sweep's jobs already (1/.hydra/overrides.yaml); "
+        "choose another folder"), proc.stderr
+    assert sorted(p for p in sweep_dir.rglob("*")) == before
 
 
 @pytest.mark.slow

@@ -19,7 +19,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from ..errors import EXIT_FAILURE, EXIT_USAGE, error_line, fail, user_errors
-from .folder import collect, job_dirs, load_json
+from .folder import collect, job_dirs, load_json, mark_ended, mark_running, running_sweep
 from .jobs import ERROR_FILE, record_failure
 from .plots import plot_summary, plot_training_error
 from .table import (group_by_config, has_repeats, render_config_table, render_table, shown_path,
@@ -42,11 +42,12 @@ def _want_training_error(setting: Any, rows: list[dict[str, Any]]) -> bool:
 
 
 def summarize(sweep_dir: str | os.PathLike, training_error: Any = "auto", print_table: bool = True,
-              final: bool = True) -> dict[str, Any]:
+              final: bool = True, live: bool = False) -> dict[str, Any]:
     """Write summary.csv/json (+ the by-config tables and the plots when `final`) for a sweep
-    folder; print the tables. Also usable on its own: `python -m resnet_cli.sweep DIR`."""
+    folder; print the tables. Also usable on its own: `python -m resnet_cli.sweep DIR`
+    (`live`: the sweep is still running, its unfinished jobs are not failures)."""
     sweep_dir = Path(sweep_dir)
-    rows, swept, fixed = collect(sweep_dir, final=final)
+    rows, swept, fixed = collect(sweep_dir, final=final, live=live)
     doc = write_tables(sweep_dir, rows, swept, fixed)
     if not final:
         return doc
@@ -104,6 +105,9 @@ class SweepSummary(Callback):
         self.training_error = training_error
         self.print_table = print_table
 
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        mark_running(_sweep_dir(config))
+
     def on_job_end(self, config: DictConfig, job_return: Any = None, **kwargs: Any) -> None:
         if not _is_multirun(config):
             return
@@ -118,6 +122,7 @@ class SweepSummary(Callback):
         summarize(_sweep_dir(config), print_table=False, final=False)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        mark_ended(_sweep_dir(config))
         summarize(_sweep_dir(config), self.training_error, self.print_table, final=True)
 
 
@@ -130,6 +135,10 @@ def main(argv: list[str] | None = None) -> None:
     path = Path(args[0])
     if not path.is_dir() or not job_dirs(path):
         fail(f"{path}: not a sweep folder (no job folders with .hydra/overrides.yaml)")
+    live = running_sweep(path)
     with user_errors():
-        doc = summarize(path, "true" if "--training-error" in args else "auto")
+        doc = summarize(path, "true" if "--training-error" in args else "auto", live=live is not None)
+    running = sum(j["status"] == "running" for j in doc["jobs"])
+    if running:
+        print(f"{running} job(s) still running: the sweep ({live}) has not ended", flush=True)
     sys.exit(EXIT_FAILURE if doc["n_failed"] else 0)

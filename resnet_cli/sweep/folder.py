@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +61,37 @@ def _metrics(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
+# Written into the sweep folder when a multirun starts and removed when it ends: a summary
+# rebuilt meanwhile shows jobs without results as running, not as failed.
+LIVE_FILE = ".sweep-running.json"
+
+
+def mark_running(sweep_dir: Path) -> None:
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    (sweep_dir / LIVE_FILE).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}) + "\n")
+
+
+def mark_ended(sweep_dir: Path) -> None:
+    (sweep_dir / LIVE_FILE).unlink(missing_ok=True)
+
+
+def running_sweep(sweep_dir: Path) -> str | None:
+    """'pid N on HOST' when the process that runs this sweep has not ended, else None. On
+    this host the pid is checked (a sweep killed outright leaves the file behind); a sweep
+    started on another host cannot be checked, so its file is believed."""
+    mark = load_json(sweep_dir / LIVE_FILE)
+    if not isinstance(mark, dict) or not isinstance(mark.get("pid"), int):
+        return None
+    if mark.get("host") == socket.gethostname():
+        try:
+            os.kill(mark["pid"], 0)
+        except ProcessLookupError:
+            return None
+        except PermissionError:  # alive, another user's
+            pass
+    return f"pid {mark['pid']} on {mark.get('host')}"
+
+
 def job_dirs(sweep_dir: Path) -> list[Path]:
     """Folders under the sweep dir holding a job's .hydra/overrides.yaml."""
     if not sweep_dir.is_dir():
@@ -98,8 +131,10 @@ def _time_to(results: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def read_job(job_dir: Path, final: bool = True) -> dict[str, Any]:
-    """Everything the summary says about one job folder (plus private `_` keys for the plots)."""
+def read_job(job_dir: Path, final: bool = True, live: bool = False) -> dict[str, Any]:
+    """Everything the summary says about one job folder (plus private `_` keys for the plots).
+    A job without results.json or error.txt is running while the sweep is (`not final`, or
+    `live`: a summary rebuilt beside a running sweep), else it was interrupted: failed."""
     overrides = [str(o) for o in (load_yaml(job_dir / ".hydra" / "overrides.yaml") or [])]
     if job_dir.name.isdigit():  # hydra.sweep.subdir is the job number unless changed
         num = int(job_dir.name)
@@ -128,7 +163,7 @@ def read_job(job_dir: Path, final: bool = True) -> dict[str, Any]:
     log_line, params = _log_detail(job_dir)
     if error_file.is_file():
         status, error = "failed", (error_file.read_text(errors="replace").splitlines() or ["failed"])[0]
-    elif final:
+    elif final and not live:
         status = "failed"
         error = "no results.json: the job was interrupted or killed" + (f" (last logged: {log_line})"
                                                                           if log_line else "")
@@ -146,9 +181,10 @@ def read_job(job_dir: Path, final: bool = True) -> dict[str, Any]:
     return row
 
 
-def collect(sweep_dir: Path, final: bool = True) -> tuple[list[dict[str, Any]], list[str], list[str]]:
+def collect(sweep_dir: Path, final: bool = True, live: bool = False
+            ) -> tuple[list[dict[str, Any]], list[str], list[str]]:
     """(rows sorted by job, swept keys, overrides shared by every job)."""
-    rows = [read_job(d, final) for d in job_dirs(sweep_dir)]
+    rows = [read_job(d, final, live) for d in job_dirs(sweep_dir)]
     for i, r in enumerate(rows):  # folders not named by number: number them in order
         if r["job"] is None:
             r["job"] = i

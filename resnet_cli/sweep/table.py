@@ -282,9 +282,10 @@ def render_table(rows: list[dict[str, Any]], swept: list[str], sweep_dir: Path, 
     body = [["*" if r is best else "", str(r["job"])]
             + [Column(k).cell({k: r["_swept"].get(k) if k in swept else r.get(k)}) for k in keys]
             + [r["status"]] + [c.cell(r) for c in columns] for r in ordered]
-    styles = ["bold green" if r is best else ("red" if r["status"] != "ok" else None) for r in ordered]
-    n_failed = sum(r["status"] != "ok" for r in rows)
-    title = f"sweep {shown_path(sweep_dir)}: {len(rows)} jobs, {len(rows) - n_failed} ok, {n_failed} failed"
+    styles = ["bold green" if r is best else ("red" if r["status"] == "failed" else None) for r in ordered]
+    n_ok, n_running = (sum(r["status"] == s for r in rows) for s in ("ok", "running"))
+    title = (f"sweep {shown_path(sweep_dir)}: {len(rows)} jobs, {n_ok} ok, {len(rows) - n_ok - n_running} failed"
+             + (f", {n_running} running" if n_running else ""))
     if best is not None:
         metric, value = score(best)
         closing = (f"best: job {best['job']}  {best['overrides']}  {metric} {value:.4f} "

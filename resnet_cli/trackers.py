@@ -244,14 +244,18 @@ class Mlflow:
                 log.info("mlflow: continuing run %s in %s", run_id, uri)
                 return tracker
             experiment = str(ml_cfg["experiment_name"] or DEFAULT_EXPERIMENT)
-            experiment_id = _experiment(client, experiment, uri)
             tags = dict(tags)
             if previous and _run_exists(client, previous.get("run_id")):
                 # Resumed from an older checkpoint than the run had reached: MLflow's metric
-                # history cannot be rewritten, so this branch is a new run nested under it.
+                # history cannot be rewritten, so this branch is a new run nested under it, in
+                # its experiment (a sweep job's is the sweep's, which a lone resume cannot name).
                 tags["mlflow.parentRunId"] = previous["run_id"]
+                experiment_id = client.get_run(previous["run_id"]).info.experiment_id
+                experiment = client.get_experiment(experiment_id).name
                 log.info("mlflow: resumed from epoch %d, before the end of run %s: logging to a new run under it",
                          epoch, previous["run_id"])
+            else:
+                experiment_id = _experiment(client, experiment, uri)
             run = client.create_run(experiment_id, run_name=ml_cfg.get("run_name"), tags=tags)
         tracker = cls(uri, run.info.run_id)
         tracker._params(params)

@@ -219,6 +219,29 @@ def test_a_tracker_failing_at_the_end_does_not_fail_a_finished_run(tmp_path, cap
                f"complete in {tmp_path}" in w for w in warnings), warnings
 
 
+def test_a_branch_goes_into_the_experiment_of_the_run_it_branches_from(tmp_path):
+    """A sweep job's run lives in the sweep's experiment; resumed alone from an older checkpoint
+    (its config now names the default experiment) the new nested run still goes beside it."""
+    from mlflow.tracking import MlflowClient
+
+    from resnet_cli.trackers import Mlflow
+
+    uri = (tmp_path / "mlruns").as_uri()
+    with file_store_allowed(uri):
+        client = MlflowClient(uri)
+        sweep_experiment = client.create_experiment("multirun/2026-11-29/10-00-00")
+        parent = client.create_run(sweep_experiment).info.run_id
+        for epoch in (1, 2):
+            client.log_metric(parent, "test_acc", 0.5, step=epoch)
+    ml_cfg = {"tracking_uri": uri, "experiment_name": "resnet-cli", "run_name": "run"}
+    child = Mlflow.start(ml_cfg, {"tracking_uri": uri, "run_id": parent, "tracking_uri_given": uri}, {"lr": 0.1},
+                         {}, epoch=1)
+    with file_store_allowed(uri):
+        run = client.get_run(child.run_id)
+    assert child.run_id != parent and run.data.tags["mlflow.parentRunId"] == parent
+    assert run.info.experiment_id == sweep_experiment
+
+
 @pytest.mark.slow
 def test_a_multirun_is_one_experiment_with_one_run_per_job(tmp_path):
     uri = tmp_path / "mlruns"

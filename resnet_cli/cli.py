@@ -82,8 +82,18 @@ def _close_key(key: str) -> str:
         node = node[p]
     if not isinstance(node, DictConfig):
         return ""
-    close = difflib.get_close_matches(leaf, list(node.keys()), n=1)
     where = ".".join(parents)
+    if not node.keys() and len(parents) == 1:
+        # An open group (optimizer, scheduler): its keys are whatever the chosen config's
+        # _target_ takes, so suggest from the shipped options' keys.
+        from .paths import config_dir
+
+        keys = sorted({str(k) for f in (config_dir() / where).glob("*.yaml") for k in (OmegaConf.load(f) or {})
+                       if not str(k).startswith("_")})
+        close = difflib.get_close_matches(leaf, keys, n=1)
+        hint = f"; did you mean {where}.{close[0]}?" if close else ""
+        return hint + f" (a new argument for {where}'s _target_ is given as +{key}=VALUE)"
+    close = difflib.get_close_matches(leaf, list(node.keys()), n=1)
     hint = f"; did you mean {'.'.join(parents + close)}?" if close else ""
     return hint + f" (keys{' of ' + where if where else ''}: {', '.join(node.keys())})"
 

@@ -48,7 +48,7 @@ class DataConfig:
     erase_prob: float = 0.0
     erase_scale: list[float] = field(default_factory=lambda: [0.02, 0.33])  # of the image's area
     erase_ratio: list[float] = field(default_factory=lambda: [0.3, 3.3])  # height / width
-    erase_value: float = 0.0  # after normalization: 0 is the mean
+    erase_value: float = 0.0  # after normalization: 0 is the mean (black with data.normalize=false)
     normalize: bool = True
     mean: Optional[list[float]] = None
     std: Optional[list[float]] = None
@@ -170,7 +170,13 @@ def check_values(cfg: Mapping[str, Any]) -> None:
     if d["name"] == "synthetic":  # these sizes are the synthetic set's own; real sets have theirs
         for key, low in (("train_size", 1), ("test_size", 1), ("num_classes", 2), ("channels", 1), ("image_size", 1)):
             _check(d[key] >= low, f"data.{key}", d[key], f"must be >= {low}")
+    if d["name"] == "imagefolder":  # images are read as grayscale or RGB
+        _check(d["channels"] in (1, 3), "data.channels", d["channels"], "choose 1 (grayscale) or 3 (RGB) for imagefolder")
     _check_val_size(d, cfg["batch_size"])
+    if (d["mean"] is None) != (d["std"] is None):  # one alone would be dropped for computed statistics
+        key = "mean" if d["std"] is None else "std"
+        _check(False, f"data.{key}", list(d[key]), "set data.mean and data.std together "
+               "(or both null: computed from the training images)")
     if d["std"] is not None:
         _check(all(v > 0 for v in d["std"]), "data.std", list(d["std"]), "every entry must be > 0")
     _check(t["precision"] in PRECISIONS, "trainer.precision", t["precision"], f"choose from {', '.join(PRECISIONS)}")
@@ -192,6 +198,8 @@ def check_values(cfg: Mapping[str, Any]) -> None:
     _check_ranges("optimizer", opt, OPTIMIZER_RANGES)
     if opt.get("nesterov"):
         _check(opt.get("momentum", 0) > 0, "optimizer.nesterov", True, "needs optimizer.momentum > 0")
+        _check(not opt.get("dampening"), "optimizer.dampening", opt.get("dampening"),
+               "must be 0 with optimizer.nesterov=true (or set optimizer.nesterov=false)")
     sched = _plain(cfg["scheduler"])
     check_target_args("scheduler", sched, filled=("optimizer", "total_steps", "steps_per_epoch"))
     _check_ranges("scheduler", sched, SCHEDULER_RANGES)

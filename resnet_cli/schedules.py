@@ -13,6 +13,8 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import (ConstantLR, CosineAnnealingLR, LinearLR, LRScheduler, MultiStepLR,
                                       OneCycleLR, SequentialLR)
 
+from .errors import ConfigError
+
 
 def warmup_steps(warmup_epochs: float, steps_per_epoch: int, total_steps: int, max_fraction: float) -> int:
     """warmup_epochs, but at most max_fraction of the run (and never all of it): a fixed
@@ -76,6 +78,10 @@ def onecycle(optimizer: Optimizer, *, total_steps: int, steps_per_epoch: int, pc
              div_factor: float = 25.0, final_div_factor: float = 1e4) -> LRScheduler:
     """Smith's one-cycle policy; its own warm-up phase is pct_start of the run. Each param
     group peaks at its own lr (a fine-tuned backbone's is lower: model.backbone_lr_scale)."""
+    if pct_start * total_steps < 2:  # torch divides by (pct_start * total_steps - 1)
+        raise ConfigError(f"scheduler.pct_start={pct_start}: one-cycle's rise would be {pct_start * total_steps:.3g} "
+                          f"of this run's {total_steps} steps, it needs 2 or more; raise scheduler.pct_start "
+                          f"to at least {2 / total_steps:.3g} or train more steps")
     peaks = [g["lr"] for g in optimizer.param_groups]
     return OneCycleLR(optimizer, max_lr=peaks, total_steps=total_steps, pct_start=pct_start,
                       div_factor=div_factor, final_div_factor=final_div_factor)

@@ -29,7 +29,8 @@ from . import cuda_graphs, distributed, finetune, resume
 from .checkpoint import (CheckpointWriter, atomic_write_json, load_checkpoint, remove_stale_temp_files,
                          resolve_resume)
 from .config import ConfigError, check_values, tta_hflip_on
-from .data import Data, load_data, resolve_pipeline
+from .errors import ModelConfigError
+from .data import Data, DataError, load_data, resolve_pipeline
 from .data.prefetch import prefetched
 from .distributed import DistInfo
 from .ema import build_ema
@@ -323,8 +324,18 @@ def _train(cfg: dict[str, Any], run_dir: Path, dinfo: DistInfo, stop: StopSignal
     with clock.timed("data"):
         data = load_data(cfg["data"], cfg["batch_size"], tcfg["eval_batch_size"], cfg["seed"], device,
                          dinfo.rank, dinfo.world)
+    if len(data.train) == 0:  # here, not in load_data: evaluation loads no training batches on purpose
+        where = f" for {dinfo.world} processes" if dinfo.world > 1 else ""
+        raise DataError(f"data: {data.num_train} training image(s){where} make no batch to train on (BatchNorm needs "
+                        "2 images or more a batch); use more (data.limit_train, data.val_size, data.train_size)")
     spec = ModelSpec.from_mapping(cfg["model"])
     in_ch, ncls = spec.in_channels or data.prep.channels, spec.num_classes or data.num_classes
+    if in_ch != data.prep.channels:
+        raise ModelConfigError(f"model.in_channels={in_ch}: the data has {data.prep.channels} channel(s) "
+                               f"({cfg['data']['name']}); set {data.prep.channels} or null (from the data)")
+    if ncls < data.num_classes:
+        raise ModelConfigError(f"model.num_classes={ncls}: the data has {data.num_classes} classes "
+                               f"({cfg['data']['name']}); set at least {data.num_classes} or null (from the data)")
     stage_sizes(spec, in_ch, data.prep.size)  # fails early, naming the stage, if the input is too small
     core = build_model(spec, in_channels=in_ch, num_classes=ncls)
     finetune.init_model(core, cfg["model"], resuming=resume_ckpt is not None)  # model.init_from, model.freeze

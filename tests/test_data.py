@@ -303,3 +303,73 @@ def test_bf16_counts_as_native_only_with_avx512_kernels(monkeypatch):
 
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
     assert not engine.cpu_has_native_bf16() and engine.resolve_precision("auto", CPU) == "fp32"
+
+
+# ---------------------------------------------------------------- your own images: data=imagefolder
+
+def _image_folder(root, train: dict[str, int], val: dict[str, int]):
+    """root/train/<class>/*.png and root/val/<class>/*.png: grayscale and RGB files of odd sizes."""
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    for split, counts in (("train", train), ("val", val)):
+        for cls, n in counts.items():
+            folder = root / split / cls
+            folder.mkdir(parents=True)
+            for i in range(n):
+                pixels = torch.randint(0, 256, (9 + i % 3, 11, 3), generator=g, dtype=torch.uint8).numpy()
+                image = Image.fromarray(pixels)
+                (image.convert("L") if i % 2 else image).save(folder / f"{i}.png")
+    return root
+
+
+def _folder_cfg(root, *overrides: str) -> dict:
+    return {**data_cfg("data=imagefolder", f"data.root={root}", "data.resize=8", *overrides), "num_workers": 0}
+
+
+def test_an_image_folder_trains_end_to_end(tmp_path):
+    root = _image_folder(tmp_path / "images", {"cat": 6, "dog": 6}, {"cat": 3, "dog": 3})
+    run = tmp_path / "run"
+    run_cli("resnet-train", "data=imagefolder", f"data.root={root}", "data.resize=16", "data.num_workers=0",
+            "model=resnet20", "model.layers=[1,1,1]", "batch_size=4", "epochs=1", "trainer.progress=none",
+            f"hydra.run.dir={run}", cwd=tmp_path, check=True)
+    import json
+
+    results = json.loads((run / "results.json").read_text())
+    assert results["dataset"] == "imagefolder" and 0.0 <= results["final_test_acc"] <= 1.0
+
+
+def test_an_image_folders_limits_and_validation_split_take_every_class(tmp_path):
+    """ImageFolder lists images class by class: the first N would all be cats."""
+    root = _image_folder(tmp_path / "images", {"cat": 8, "dog": 8}, {"cat": 4, "dog": 4})
+    d = load_data(_folder_cfg(root, "data.limit_train=8", "data.limit_test=4", "data.val_size=4"), 2, 4, 0, CPU)
+    assert (d.num_train, d.num_val, d.num_test) == (4, 4, 4)
+    labels = {split: torch.cat([y for _, y in getattr(d, split).batches()]).tolist() for split in ("val", "test")}
+    train = torch.cat([y for _, y in d.train.batches(0)]).tolist()
+    assert all(set(ys) == {0, 1} for ys in (labels["val"], labels["test"])), labels
+    assert len(train) == 4 and set(train) == {0, 1}
+    again = load_data(_folder_cfg(root, "data.limit_train=8", "data.limit_test=4", "data.val_size=4"), 2, 4, 5, CPU)
+    assert torch.cat([y for _, y in again.val.batches()]).tolist() == labels["val"]  # fixed, whatever the seed
+
+
+def test_bad_image_folders_are_one_line_errors(tmp_path):
+    root = _image_folder(tmp_path / "empty_class", {"cat": 2, "dog": 2}, {"cat": 2, "dog": 2})
+    (root / "train" / "emu").mkdir()
+    (root / "val" / "emu").mkdir()
+    with pytest.raises(DataError, match=r"^data.root=.*empty_class: train/: Found no valid file for the classes emu"):
+        load_data(_folder_cfg(root), 2, 4, 0, CPU)
+    root = _image_folder(tmp_path / "different", {"cat": 2, "dog": 2}, {"cat": 2, "emu": 2})
+    with pytest.raises(DataError, match=re.escape("different class folders (only in train/: dog; only in val/: emu)")):
+        load_data(_folder_cfg(root), 2, 4, 0, CPU)
+
+
+def test_too_few_training_images_for_a_batch_are_refused(tmp_path, monkeypatch, capfd):
+    """One image makes no batch (BatchNorm needs two); before, the run 'trained' 0 steps and exited 0."""
+    from conftest import call_main
+
+    from resnet_cli.train import main
+
+    monkeypatch.chdir(tmp_path)
+    code, _, err = call_main(main, "resnet-train", ["data=synthetic", "data.train_size=1"], monkeypatch, capfd)
+    assert code == 2 and err.startswith("error: data: 1 training image(s) make no batch to train on") and \
+        err.count("\n") == 1, err

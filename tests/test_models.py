@@ -172,6 +172,9 @@ def test_in_channels_and_classes_from_arguments_then_config():
     ({"block": "bottleneck", "groups": 32, "width_per_group": 4, "layers": [1], "widths": [8]}, "width_per_group"),
     ({"shortcut": "magic"}, "model.shortcut=magic"),
     ({"colour": "blue"}, "model.colour"),
+    ({"residual": False, "zero_init_residual": True}, "model.zero_init_residual=True: needs model.residual=true"),
+    ({"stem": "deep", "stem_width": 1}, "model.stem_width=1: the stem's width must be >= 2 for stem=deep"),
+    ({"stem": "deep", "layers": [1], "widths": [1]}, "model.widths=[1]: the stem's width must be >= 2"),
 ])
 def test_bad_model_configs_name_the_key(config, needle):
     with pytest.raises(ModelConfigError) as e:
@@ -185,3 +188,19 @@ def test_bad_architecture_on_the_command_line_is_one_line(tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.startswith("error: model.widths") and proc.stderr.count("\n") == 1
     assert "Traceback" not in proc.stderr and not (tmp_path / "outputs").exists()
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("model.num_classes=5", "model.num_classes=5: the data has 10 classes (synthetic); set at least 10 or null (from the data)"),
+    ("model.in_channels=3", "model.in_channels=3: the data has 1 channel(s) (synthetic); set 1 or null (from the data)"),
+])
+def test_a_model_that_does_not_fit_the_data_is_one_line(override, needle, tmp_path, monkeypatch, capfd):
+    """Before, torch failed mid-step (target out of bounds; a conv's channel mismatch)."""
+    from conftest import call_main
+
+    from resnet_cli.train import main
+
+    monkeypatch.chdir(tmp_path)
+    code, out, err = call_main(main, "resnet-train", ["data=synthetic", "data.train_size=64", "data.test_size=32",
+                                                      "model=resnet20", override], monkeypatch, capfd)
+    assert code == 2 and err == f"error: {needle}\n", err

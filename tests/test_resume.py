@@ -483,6 +483,12 @@ BAD_COMMAND_LINES = [
     (["data.channels=0"], "data.channels=0: must be >= 1"),
     (["data.train_size=0"], "data.train_size=0: must be >= 1"),
     (["data.test_size=0"], "data.test_size=0: must be >= 1"),
+    (["optimizer.momentun=0.9"], "optimizer.momentun: unknown key; did you mean optimizer.momentum? "
+                                 "(a new argument for optimizer's _target_ is given as +optimizer.momentun=VALUE)"),
+    (["+optimizer.dampening=0.5"], "optimizer.dampening=0.5: must be 0 with optimizer.nesterov=true"),
+    (["data.mean=[0.5]"], "data.mean=[0.5]: set data.mean and data.std together"),
+    (["data=imagefolder", "data.channels=4"], "data.channels=4: choose 1 (grayscale) or 3 (RGB) for imagefolder"),
+    (["model=plain20", "model.zero_init_residual=true"], "model.zero_init_residual=True: needs model.residual=true"),
     (["-m", "lr=0.1,-1"], "lr=-1"),
 ]
 

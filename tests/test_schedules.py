@@ -122,6 +122,17 @@ def test_onecycle_follows_its_formula():
     assert max(lrs) == pytest.approx(BASE) and lrs[-1] == pytest.approx(end)
 
 
+@pytest.mark.parametrize("steps", [1, 4, 7])
+def test_onecycle_too_short_a_rise_is_refused_in_one_line(steps):
+    """pct_start 0.25 of 4 steps is a rise of one step, where torch's OneCycleLR divides by
+    zero (and under one step its lr is meaningless): a config error naming the key."""
+    from resnet_cli.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^scheduler.pct_start=0.25: one-cycle's rise would be .* it needs 2 or more"):
+        lr_curve("onecycle", steps, 1)
+    assert len(lr_curve("onecycle", 8, 1)) == 8  # a rise of 2 steps works
+
+
 def test_warmup_never_takes_the_whole_run():
     assert warmup_steps(5, 10, 20, 1.0) == 19
     assert warmup_steps(0.5, 10, 1000, 0.1) == 5

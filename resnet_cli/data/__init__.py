@@ -52,6 +52,14 @@ def _limit(n: int, limit: int | None) -> int:
     return n if limit is None else min(n, limit)
 
 
+def _spread(n: int, k: int) -> torch.Tensor:
+    """k of n image-folder indices, spread over the whole folder with a fixed seed: ImageFolder
+    lists images class by class, so the first k would be one class."""
+    if k >= n:
+        return torch.arange(n)
+    return torch.randperm(n, generator=torch.Generator().manual_seed(VAL_SPLIT_SEED))[:k].sort().values
+
+
 def _stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
     x = images.float().div_(255)
     return tuple(x.mean(dim=(0, 2, 3)).tolist()), tuple(x.std(dim=(0, 2, 3)).tolist())
@@ -101,7 +109,12 @@ def load_data(cfg: Mapping[str, Any], batch_size: int, eval_batch_size: int, see
                         f"less than one batch (batch_size={batch_size}); hold out fewer")
     train_idx, val_idx = holdout(n_pool, val_size)
     n_train, n_val = len(train_idx), 0 if val_idx is None else len(val_idx)
-    if name != "imagefolder":
+    if name == "imagefolder":  # positions in the limited pool -> indices into the folder
+        pool = _spread(len(tv_train), n_pool)
+        train_idx, val_idx = pool[train_idx], None if val_idx is None else pool[val_idx]
+        test_idx = _spread(len(tv_test), n_test)
+    else:
+        test_idx = torch.arange(n_test)
         pool_x, pool_y = tr_x[:n_pool], tr_y[:n_pool]
         tr_x, tr_y = (pool_x, pool_y) if val_idx is None else (pool_x[train_idx], pool_y[train_idx])
         te_x, te_y = te_x[:n_test], te_y[:n_test]
@@ -145,7 +158,7 @@ def load_data(cfg: Mapping[str, Any], batch_size: int, eval_batch_size: int, see
         tv_train.transform = sample_transform(prep, True, native)
         tv_val.transform = tv_test.transform = sample_transform(eval_prep, False, native)
         train = LoaderBatches(Subset(tv_train, train_idx.tolist()), train_order, device, workers)
-        test = LoaderBatches(Subset(tv_test, range(n_test)), eval_order(n_test), device, workers)
+        test = LoaderBatches(Subset(tv_test, test_idx.tolist()), eval_order(n_test), device, workers)
         if val_idx is not None:
             val = LoaderBatches(Subset(tv_val, val_idx.tolist()), eval_order(n_val), device, workers)
     return Data(train, test, prep, ncls, class_names, n_train, n_test, pipeline, val, n_val)
@@ -168,7 +181,16 @@ def _image_folders(cfg: Mapping[str, Any]):
 
     check_available("imagefolder", cfg["root"], False)
     root = Path(cfg["root"]).expanduser().resolve()
-    train, test = ImageFolder(str(root / "train")), ImageFolder(str(root / "val"))
+    folders = []
+    for split in ("train", "val"):
+        try:
+            folders.append(ImageFolder(str(root / split)))
+        except (FileNotFoundError, RuntimeError) as e:  # a class folder without images, or no class folders
+            first = (str(e).strip().splitlines() or [""])[0]
+            raise DataError(f"data.root={root}: {split}/: {first}") from None
+    train, test = folders
     if train.classes != test.classes:
-        raise DataError(f"data.root={root}: train/ and val/ have different class folders")
+        only_train, only_val = sorted(set(train.classes) - set(test.classes)), sorted(set(test.classes) - set(train.classes))
+        raise DataError(f"data.root={root}: train/ and val/ have different class folders (only in train/: "
+                        f"{', '.join(only_train) or '-'}; only in val/: {', '.join(only_val) or '-'})")
     return train, test, list(train.classes), int(cfg.get("channels") or 3)

@@ -81,6 +81,13 @@ class ModelSpec:
                         f"model.widths={list(self.widths)}, model.width_per_group={self.width_per_group}: "
                         f"a bottleneck of width {w} gets {w * self.width_per_group / 64.0:.2g} channels per group; "
                         "each needs >= 1 (widths * width_per_group / 64 >= 1)")
+        if self.zero_init_residual and not self.residual:
+            # Without the skip, a block whose last BatchNorm starts at zero outputs zero: the
+            # net passes nothing forward and only the classifier's bias would learn.
+            raise bad("zero_init_residual", True, "needs model.residual=true (a plain net would output zeros)")
+        if self.stem == "deep" and int(self.stem_width or self.widths[0]) < 2:
+            key, value = ("stem_width", self.stem_width) if self.stem_width else ("widths", list(self.widths))
+            raise bad(key, value, "the stem's width must be >= 2 for stem=deep (its first convs have half of it)")
         if self.shortcut == "identity":
             expansion = BLOCKS[self.block].expansion
             chans = [self.stem_width or self.widths[0]] + [w * expansion for w in self.widths]

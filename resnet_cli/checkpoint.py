@@ -173,6 +173,9 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     for key in ("model", "config", "epoch"):
         if key not in state:
             raise CheckpointError(f"checkpoint {path}: incomplete (no '{key}')")
+    for key in ("model", "data"):  # every reader rebuilds the network and its input from these
+        if not isinstance(state["config"], dict) or not isinstance(state["config"].get(key), dict):
+            raise CheckpointError(f"checkpoint {path}: incomplete (no '{key}' in its config)")
     return state
 
 

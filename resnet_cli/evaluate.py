@@ -237,6 +237,8 @@ def write_report(result: Mapping[str, Any], out_dir: Path) -> list[Path]:
 
 
 def show(result: Mapping[str, Any], stream=None) -> None:
+    from rich.markup import escape  # names and paths are the user's: "[old] cat" is text, not a style
+
     from .inference import console, table
 
     stream = stream or sys.stdout
@@ -244,9 +246,9 @@ def show(result: Mapping[str, Any], stream=None) -> None:
     tty = stream.isatty()
     extras = [x for x, on in (("EMA weights", result.get("weights") == "ema"), ("hflip TTA", result.get("tta_hflip")))
               if on]
-    con.print(f"{result['model']} ({Path(result['checkpoint']).name}, epoch {result['epoch']}) on "
-              f"{result['dataset']} test: {result['images']:,} images, "
-              + ", ".join([result["device"], result["precision"], *extras]))
+    con.print(escape(f"{result['model']} ({Path(result['checkpoint']).name}, epoch {result['epoch']}) on "
+                     f"{result['dataset']} test: {result['images']:,} images, "
+                     + ", ".join([result["device"], result["precision"], *extras])))
     con.print(f"top-1 {result['top1']:.4f}  top-5 {result['top5']:.4f}  loss {result['loss']:.4f}")
     con.print("")
 
@@ -255,7 +257,7 @@ def show(result: Mapping[str, Any], stream=None) -> None:
         t.add_column(col, justify="left" if col == "name" else "right")
     for row in result["per_class"]:
         acc = "-" if row["accuracy"] is None else f"{row['accuracy']:.4f}"
-        t.add_row(str(row["label"]), row["name"], str(row["images"]), str(row["correct"]), acc)
+        t.add_row(str(row["label"]), escape(row["name"]), str(row["images"]), str(row["correct"]), acc)
     if not tty:
         con.print("per-class accuracy")
     con.print(t)
@@ -276,7 +278,7 @@ def show(result: Mapping[str, Any], stream=None) -> None:
         for j in range(n):
             v = str(conf[i][j]) if conf[i][j] else ("." if tty else "0")
             cells.append(f"[bold green]{v}[/]" if tty and i == j and conf[i][j] else v)
-        t.add_row(f"{i} {names[i]}", *cells)
+        t.add_row(escape(f"{i} {names[i]}"), *cells)
     if not tty:
         con.print(title)
     con.print(t)
@@ -310,15 +312,18 @@ def run(argv: list[str]) -> dict[str, Any]:
     result["weights"] = cfg["weights"]
     for w in result["warnings"]:
         print(f"warning: {w}", file=sys.stderr)
-    show(result)
+    # The report first: a reader that goes away mid-table (`| head`) must not cost the files.
     with output_errors(out_dir):
         written = write_report(result, out_dir)
-    print(f"wrote {', '.join(str(p) for p in written)}", file=sys.stderr)
+    logged: list[str] = []
     if cfg["trackers"]:
         from .trackers import log_evaluation
 
-        for where in log_evaluation(run_dir, result, written, int(ckpt["epoch"]), int(ckpt.get("step") or 0)):
-            print(f"logged to {where}" if not where.startswith("not ") else f"warning: {where}", file=sys.stderr)
+        logged = log_evaluation(run_dir, result, written, int(ckpt["epoch"]), int(ckpt.get("step") or 0))
+    show(result)
+    print(f"wrote {', '.join(str(p) for p in written)}", file=sys.stderr)
+    for where in logged:
+        print(f"logged to {where}" if not where.startswith("not ") else f"warning: {where}", file=sys.stderr)
     return result
 
 

@@ -203,6 +203,9 @@ def output_path(output: str | None, ckpt_path: Path, fmt: str) -> Path:
         raise ConfigError(f"output={output}: that is the checkpoint itself; choose another file")
     if p.exists() and not p.is_file():  # a device such as /dev/null would be replaced, not written to
         raise ConfigError(f"output={output}: exists and is not a regular file; choose a file name")
+    if sidecar_path(p).exists() and not sidecar_path(p).is_file():  # found before the model is written
+        raise ConfigError(f"output={output}: its metadata file {sidecar_path(p)} exists and is not a regular file; "
+                          "choose another file name")
     taken = [f for f in (p, sidecar_path(p)) if f.is_file()]
     if taken and not _earlier_export(p):  # another checkpoint, a run's results.json (as the sidecar of RUN/results)
         raise ConfigError(f"output={output}: {taken[0]} exists and is not an earlier export (it would be replaced); "

@@ -219,8 +219,10 @@ def load_model(ckpt: Mapping[str, Any], path: Path, device: torch.device | str =
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as e:
-        first = str(e).strip().splitlines()[0]
-        raise CheckpointError(f"checkpoint {path}: weights do not fit its model config ({first[:160]})") from None
+        # torch's first line only says "Error(s) in loading state_dict for ResNet:"; the next says what
+        lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+        detail = lines[1] if len(lines) > 1 else (lines[0] if lines else type(e).__name__)
+        raise CheckpointError(f"checkpoint {path}: weights do not fit its model config ({detail[:160]})") from None
     model = model.to(device).eval()
     if channels_last:
         model = model.to(memory_format=torch.channels_last)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import glob
 import json
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,7 +73,8 @@ def find_images(inputs: Sequence[str]) -> tuple[list[Path], list[tuple[str, str]
     found: list[Path] = []
     problems: list[tuple[str, str]] = []
     for item in inputs:
-        matches = sorted(glob.glob(item, recursive=True)) if glob.has_magic(item) else [item]
+        pattern = os.path.expanduser(item)  # ~ in a pattern, as in a plain path
+        matches = sorted(glob.glob(pattern, recursive=True)) if glob.has_magic(pattern) else [item]
         if not matches:
             problems.append((item, "matches no files"))
         for m in matches:
@@ -153,6 +155,8 @@ def predict_images(model: nn.Module, prep: Preprocess, paths: Sequence[Path], to
 # ---------------------------------------------------------------- output
 
 def show(results: list[dict[str, Any]], stream=None) -> None:
+    from rich.markup import escape  # file and class names are the user's: "[draft] a.png" is text
+
     from .inference import console, table
 
     stream = stream or sys.stdout
@@ -164,7 +168,7 @@ def show(results: list[dict[str, Any]], stream=None) -> None:
         for rank, c in enumerate(r["topk"], 1):
             # a terminal shows each file once; piped output repeats it so that every line stands alone
             name = r["file"] if (rank == 1 or not tty) else ""
-            t.add_row(name, str(rank), str(c["label"]), c["name"], f"{c['prob']:.4f}",
+            t.add_row(escape(name), str(rank), str(c["label"]), escape(c["name"]), f"{c['prob']:.4f}",
                       end_section=tty and rank == len(r["topk"]))
     console(stream).print(t)
 

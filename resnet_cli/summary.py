@@ -100,6 +100,11 @@ def build_for_summary(cfg: DictConfig) -> tuple[nn.Module, tuple[int, int, int, 
     stage_sizes(spec, channels, size)
     with torch.device("meta"):
         model = build_model(spec, channels, classes)
+        freeze = list(OmegaConf.select(cfg, "model.freeze") or [])
+        if freeze:  # trainable vs non-trainable counts as training would have them
+            from .finetune import freeze as freeze_parts
+
+            freeze_parts(model, freeze)
     return model, (1, channels, size, size)
 
 
@@ -320,7 +325,7 @@ def main(argv: list[str] | None = None) -> None:
         check_values(cfg)  # same range checks as resnet-train, summary.depth/format included
         model, shape = build_for_summary(cfg)
         summary = summarize(model, shape, int(cfg.summary.depth))
-    emit(summary, cfg.summary.format)
+        emit(summary, cfg.summary.format)  # inside: `resnet-summary | head` is a closed pipe, not a traceback
 
 
 if __name__ == "__main__":

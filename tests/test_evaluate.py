@@ -128,7 +128,7 @@ def test_bad_input_subprocess_one_line(tmp_path):
 
 
 @pytest.mark.parametrize("case", ["no_checkpoint_key", "foreign", "corrupt", "unknown_key", "preprocessing",
-                                  "bad_device", "channels"])
+                                  "bad_device", "channels", "misfit"])
 def test_bad_input_in_process(case, run_dir, tmp_path, monkeypatch, capsys):
     from resnet_cli.evaluate import main
 
@@ -136,6 +136,10 @@ def test_bad_input_in_process(case, run_dir, tmp_path, monkeypatch, capsys):
     foreign, corrupt = tmp_path / "foreign.pt", tmp_path / "corrupt.pt"
     torch.save({"weights": torch.zeros(2)}, foreign)
     corrupt.write_bytes(b"PK\x03\x04 this is not a zip archive")
+    misfit = tmp_path / "misfit.pt"  # its config names one more block per stage than its weights have
+    state = torch.load(best, weights_only=True)
+    state["config"]["model"]["layers"] = [n + 1 for n in state["config"]["model"]["layers"]]
+    torch.save(state, misfit)
     argv, needles = {
         "no_checkpoint_key": ([], ("checkpoint: required",)),
         "foreign": ([f"checkpoint={foreign}"], ("not a resnet-cli checkpoint",)),
@@ -144,6 +148,7 @@ def test_bad_input_in_process(case, run_dir, tmp_path, monkeypatch, capsys):
         "preprocessing": ([f"checkpoint={best}", "data.resize=64"], ("data.resize",)),
         "bad_device": ([f"checkpoint={best}", "device=tpu"], ("device=tpu",)),
         "channels": ([f"checkpoint={best}", "data.channels=3"], ("3-channel", "1 channel")),
+        "misfit": ([f"checkpoint={misfit}"], ("weights do not fit its model config (Missing key(s) in state_dict",)),
     }[case]
     code, out, err = call_main(main, "resnet-eval", argv, monkeypatch, capsys)
     assert_one_error_line(code, err, *needles)
@@ -180,3 +185,34 @@ def test_a_full_disk_while_writing_the_report_is_one_line(run_dir, tmp_path):
                           capture_output=True, text=True, timeout=300, preexec_fn=limited_file_size(1000))
     assert_failed_in_one_line(proc.returncode, proc.stderr, "cannot write", "File too large")
     assert (tmp_path / "eval.json").read_text() == "{}"  # atomic: the old file is intact
+
+
+def test_class_names_print_as_they_are(run_dir, tmp_path, monkeypatch, capsys):
+    """Class names are text, not rich markup: "[unlabeled]" printed blank and "cat [old]" as "cat"."""
+    from resnet_cli.evaluate import main
+
+    state = torch.load(run_dir / "checkpoints" / "best.pt", weights_only=True)
+    state["class_names"] = ["[unlabeled]", "cat [old]"] + [f"class_{i}" for i in range(2, 10)]
+    renamed = tmp_path / "renamed.pt"
+    torch.save(state, renamed)
+    code, out, err = call_main(main, "resnet-eval", [f"checkpoint={renamed}", f"output_dir={tmp_path}"],
+                               monkeypatch, capsys)
+    assert code == 0, err
+    rows = {line.split()[0]: line for line in out.splitlines() if line.strip()[:1].isdigit()}
+    assert "[unlabeled]" in rows["0"] and "cat [old]" in rows["1"]
+
+
+def test_a_reader_that_goes_away_does_not_cost_the_report(run_dir, tmp_path):
+    """`resnet-eval ... | head -2`: the report files are written before the tables are printed."""
+    import os
+    import subprocess
+
+    from conftest import command
+
+    read, write = os.pipe()
+    os.close(read)
+    subprocess.run([command("resnet-eval"), f"checkpoint={run_dir}", f"output_dir={tmp_path}"], stdout=write,
+                   stderr=subprocess.PIPE, text=True, timeout=300)
+    os.close(write)
+    assert json.loads((tmp_path / "eval.json").read_text())["images"] == 128
+    assert (tmp_path / "confusion.png").is_file()

@@ -222,15 +222,19 @@ def test_a_write_error_is_one_line_and_keeps_the_old_file(run_dir, tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 
 
-@pytest.mark.parametrize("where", ["under_a_file", "device"])
+@pytest.mark.parametrize("where", ["under_a_file", "device", "sidecar_is_a_folder"])
 def test_an_unwritable_output_is_refused_before_exporting(run_dir, tmp_path, where, monkeypatch, capsys):
     from resnet_cli.export import main
 
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
+    (tmp_path / "q.pt.json").mkdir()
     output, needle = {"under_a_file": (blocker / "model.pt", f"cannot write there ({blocker} is not a folder)"),
-                      "device": (Path("/dev/null"), "exists and is not a regular file")}[where]
+                      "device": (Path("/dev/null"), "exists and is not a regular file"),
+                      "sidecar_is_a_folder": (tmp_path / "q.pt", f"its metadata file {tmp_path / 'q.pt.json'} exists "
+                                              "and is not a regular file")}[where]
     code, out, err = call_main(main, "resnet-export", [f"checkpoint={run_dir}", f"output={output}"], monkeypatch,
                                capsys)
     assert_one_error_line(code, err, f"output={output}", needle)
     assert out == "" and Path("/dev/null").is_char_device()
+    assert not (tmp_path / "q.pt").exists()  # nothing written before the refusal

@@ -104,7 +104,7 @@ def test_any_other_mismatch_names_the_first_key_and_both_shapes(tv_file, preset,
 def test_a_resnet_cli_checkpoint_and_wrapped_state_dicts(tmp_path):
     src = build_model("resnet20", in_channels=1, num_classes=10)
     ckpt = tmp_path / "best.pt"
-    save_checkpoint(ckpt, {"model": src.state_dict(), "config": {}, "epoch": 3})
+    save_checkpoint(ckpt, {"model": src.state_dict(), "config": {"model": {}, "data": {}}, "epoch": 3})
     state, kind = read_state_dict(ckpt)
     assert kind == "resnet-cli checkpoint, epoch 3"
     # a DDP-wrapped state_dict under "model", as torchvision's reference scripts save it

@@ -164,3 +164,21 @@ def test_bad_input_in_process(case, run_dir, image_dir, tmp_path, monkeypatch, c
         err = "\n".join(err.splitlines()[1:])
     assert_one_error_line(code, err, *needles)
     assert out == ""
+
+
+def test_bracketed_file_names_and_a_home_pattern_print_as_they_are(run_dir, image_dir, tmp_path, monkeypatch, capsys):
+    """File names are text, not rich markup ("[draft] a.png" lost its bracket part, "[/x]" was a
+    MarkupError); a ~ in a glob pattern means the home folder, as in a plain path."""
+    import shutil
+
+    from resnet_cli.predict import main
+
+    home = tmp_path / "home"
+    (home / "imgs" / "x[").mkdir(parents=True)
+    for name in ("[draft] a.png", "x[/].png"):  # the second path holds "[/]", a closing tag to rich
+        shutil.copy(image_dir / "gray_0.png", home / "imgs" / name)
+    monkeypatch.setenv("HOME", str(home))
+    code, out, err = call_main(main, "resnet-predict", [f"checkpoint={run_dir}", "inputs=~/imgs/*.png,~/imgs",
+                                                        "topk=1"], monkeypatch, capsys)
+    assert code == 0, err
+    assert f"{home / 'imgs' / '[draft] a.png'}" in out and f"{home / 'imgs' / 'x[' / '].png'}" in out

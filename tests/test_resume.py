@@ -358,6 +358,7 @@ def test_resume_from_an_earlier_checkpoint_says_what_it_replaces(uninterrupted, 
     ("truncated", "cannot be read"),
     ("foreign", "refused for safety"),
     ("plain", "not a resnet-cli checkpoint"),
+    ("no data config", "incomplete (no 'data' in its config)"),
 ])
 def test_bad_checkpoints_are_refused_in_one_line(uninterrupted, tmp_path, content, needle):
     path = tmp_path / "bad.pt"
@@ -370,6 +371,10 @@ def test_bad_checkpoints_are_refused_in_one_line(uninterrupted, tmp_path, conten
         torch.save({"model": datetime.datetime.now()}, path)  # a pickled class, not plain data
     elif content == "plain":
         torch.save({"weights": torch.zeros(3)}, path)
+    elif content == "no data config":  # tagged as ours, but its config was cut down
+        state = torch.load(uninterrupted / "checkpoints" / "last.pt", weights_only=True)
+        del state["config"]["data"]
+        torch.save(state, path)
     else:
         path.write_bytes(content)
     before = path.read_bytes()
@@ -384,14 +389,14 @@ def test_bad_checkpoints_are_refused_in_one_line(uninterrupted, tmp_path, conten
 
 def test_atomic_save_survives_a_crash_mid_write(tmp_path, monkeypatch):
     path = tmp_path / "last.pt"
-    save_checkpoint(path, {"model": {"w": torch.ones(3)}, "config": {}, "epoch": 1})
+    save_checkpoint(path, {"model": {"w": torch.ones(3)}, "config": {"model": {}, "data": {}}, "epoch": 1})
 
     def crash(fd):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(ckpt_mod.os, "fsync", crash)
     with pytest.raises(OutputError, match="No space left on device.*previous one is intact"):
-        save_checkpoint(path, {"model": {"w": torch.zeros(3)}, "config": {}, "epoch": 2})
+        save_checkpoint(path, {"model": {"w": torch.zeros(3)}, "config": {"model": {}, "data": {}}, "epoch": 2})
     monkeypatch.undo()
     state = load_checkpoint(path)
     assert state["epoch"] == 1 and torch.equal(state["model"]["w"], torch.ones(3))

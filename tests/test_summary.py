@@ -268,3 +268,26 @@ def test_help_prints_usage(capsys):
     S.main(["--help"])
     out = capsys.readouterr().out
     assert out.startswith("usage: resnet-summary") and "summary.depth" in out
+
+
+def test_frozen_parts_count_as_non_trainable():
+    from resnet_cli.cli import compose
+
+    model, shape = S.build_for_summary(compose("train", ["model=resnet20", "model.freeze=[stem,layer1]"]))
+    result = S.summarize(model, shape, depth=1)
+    frozen = sum(p.numel() for name, p in model.named_parameters() if name.startswith(("conv1", "bn1", "layer1.")))
+    assert frozen > 0 and result["total_params"] - result["trainable_params"] == frozen
+
+
+def test_summary_into_a_closed_pipe_is_quiet():
+    import os
+    import subprocess
+
+    from conftest import command
+
+    read, write = os.pipe()
+    os.close(read)  # a reader that has already gone: `resnet-summary | head -0`
+    proc = subprocess.run([command("resnet-summary"), "model=resnet20"], stdout=write, stderr=subprocess.PIPE,
+                          text=True, timeout=120)
+    os.close(write)
+    assert "Traceback" not in proc.stderr and proc.stderr == "", proc.stderr

@@ -82,7 +82,7 @@ def test_best_and_last_of_one_epoch_are_one_serialization(tmp_path):
 
     writer = CheckpointWriter()
     weights = torch.arange(6.0)
-    state = {"model": {"w": weights}, "config": {}, "epoch": 1}
+    state = {"model": {"w": weights}, "config": {"model": {}, "data": {}}, "epoch": 1}
     writer.submit([tmp_path / "last.pt", tmp_path / "best.pt"], state)
     weights.add_(100)  # training goes on while the writer works on its snapshot
     writer.wait()

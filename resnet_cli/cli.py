@@ -62,7 +62,7 @@ def hydra_error_line(e: BaseException, overrides: list[str]) -> str:
     msg = (getattr(cause, "msg", None) or str(cause)).strip().splitlines()
     first = msg[0] if msg else type(cause).__name__
     if key:
-        given = next((o.split("=", 1)[1] for o in overrides if o.lstrip("+~").split("=", 1)[0] == key), None)
+        given = next((o.split("=", 1)[1] for o in reversed(overrides) if o.lstrip("+~").split("=", 1)[0] == key), None)
         if "not in struct" in first or "Could not override" in str(e):
             hint = _close_key(key)
             return f"{key}: unknown key{hint}"
@@ -348,7 +348,10 @@ def _resumed_run(resume: str, flags: list[str], overrides: list[str]) -> tuple[_
     flags = flags + _run_config_flags(folder, record, flags)
     if previous.is_file():
         old = [str(o) for o in OmegaConf.load(previous) if not str(o).startswith(("resume=", "hydra"))]
-        overrides = old + overrides
+        # The run's length is the checkpoint's: a run extended by an earlier `resume=... epochs=N`
+        # (which does not rewrite overrides.yaml) must not fall back to its first length.
+        length = [] if "epochs" in typed else [f"epochs={int(state['config']['epochs'])}"]
+        overrides = old + length + overrides
     return run, flags, overrides
 
 
@@ -457,6 +460,12 @@ def run_hydra_app(config_name: str, task: Callable[[DictConfig, Any], Any]) -> N
         hydra.main(version_base="1.3", config_path=str(config_dir()), config_name=config_name)(_job)()
     except BrokenPipeError:  # `resnet-train --help | head`
         quiet_broken_pipe()
+    except KeyboardInterrupt:  # Ctrl-C twice: quit at once, as asked, in one line
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print("interrupted at once: checkpoints written before are kept "
+              "(resnet-train resume=RUN goes on from the last)", file=sys.stderr)
+        sys.exit(130)
     finally:
         distributed.shutdown()
     if sweep_dir is not None:

@@ -397,6 +397,7 @@ def _train(cfg: dict[str, Any], run_dir: Path, dinfo: DistInfo, stop: StopSignal
             log.info("resumed from epoch %d step %d", tr.epoch, tr.step)
     trackers.start(cfg, steps_per_epoch, tr.epoch * steps_per_epoch + tr.step, tr.running, str(device))
 
+    start = (tr.epoch, tr.step)
     try:
         _loop(tr, clock, stop, precision, steps_per_epoch, metrics, spec.name, trackers)
     finally:
@@ -415,6 +416,11 @@ def _train(cfg: dict[str, Any], run_dir: Path, dinfo: DistInfo, stop: StopSignal
             raise RuntimeError("DDP ranks ended with different parameters; please report this")
         if dinfo.is_main:
             log.info("parameters identical on all %d ranks", dinfo.world)
+    kept = _finished_results(run_dir, tr) if resume_ckpt is not None and (tr.epoch, tr.step) == start else None
+    if kept is not None:  # a finished run resumed with its own length: nothing ran, nothing to rewrite
+        if dinfo.is_main:
+            log.info("nothing left to train: the run has done its %d epochs; results.json is kept as it was", tr.epoch)
+        return kept
     if dinfo.is_main and tr.history:
         with clock.timed("plot"):
             plot_curves(tr.history, run_dir / "curves.png", f"{spec.name} on {cfg['data']['name']}")
@@ -618,6 +624,21 @@ def time_to_acc(rows: list[dict[str, Any]]) -> dict[str, dict[str, float] | None
         out[f"{mark:.2f}"] = {"epoch": hit["epoch"], "wall_s": round(hit["elapsed_s"], 2)} \
             if hit and "elapsed_s" in hit else None
     return out
+
+
+def _finished_results(run_dir: Path, tr: Trainer) -> dict | None:
+    """The run's results.json when it already describes the run as it stands (same epochs,
+    same final epoch): its time record belongs to the process that trained."""
+    import json
+
+    try:
+        old = json.loads((run_dir / "results.json").read_text())
+    except (OSError, ValueError):
+        return None
+    final = tr.history[-1]["epoch"] if tr.history else None
+    if isinstance(old, dict) and old.get("epochs") == tr.epoch and (old.get("final") or {}).get("epoch") == final:
+        return old
+    return None
 
 
 def _results(rows, tr: Trainer, n_params: int, device: torch.device, precision: str, wall: float) -> dict:

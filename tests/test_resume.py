@@ -284,6 +284,12 @@ def test_resume_alone_continues_a_run_made_from_the_users_configs(tmp_path):
     # as the message says: the new folder alone (the config's name still comes from the record)
     proc = run_cli("resnet-train", "--config-dir", "moved", f"resume={run}", "epochs=3", cwd=tmp_path, check=True)
     assert [r["epoch"] for r in untimed(run)] == [1, 2, 3] and "kept from the checkpoint" not in proc.stderr
+    # Resumed again without epochs=: the run's length is its checkpoint's 3 (its recorded
+    # overrides still say 1), so the finished run just ends, its results.json untouched.
+    results = (run / "results.json").read_text()
+    proc = run_cli("resnet-train", "--config-dir", "moved", f"resume={run}", cwd=tmp_path, check=True)
+    assert "nothing left to train: the run has done its 3 epochs" in proc.stdout
+    assert [r["epoch"] for r in untimed(run)] == [1, 2, 3] and (run / "results.json").read_text() == results
 
 
 def test_a_run_without_its_hydra_record_resumes_only_as_it_was(uninterrupted, tmp_path):
@@ -488,6 +494,7 @@ BAD_COMMAND_LINES = [
     (["data.channels=0"], "data.channels=0: must be >= 1"),
     (["data.train_size=0"], "data.train_size=0: must be >= 1"),
     (["data.test_size=0"], "data.test_size=0: must be >= 1"),
+    (["epochs=3", "epochs=abc"], "epochs=abc: Value 'abc' of type 'str' could not be converted to Integer"),
     (["optimizer.momentun=0.9"], "optimizer.momentun: unknown key; did you mean optimizer.momentum? "
                                  "(a new argument for optimizer's _target_ is given as +optimizer.momentun=VALUE)"),
     (["+optimizer.dampening=0.5"], "optimizer.dampening=0.5: must be 0 with optimizer.nesterov=true"),

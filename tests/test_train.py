@@ -302,3 +302,13 @@ def test_the_epoch_line_shows_validation_and_ema_scores_where_the_run_has_them()
     assert plain.startswith("epoch 2/5  train_loss 0.5000") and "val_acc" not in plain and "ema" not in plain
     line = epoch_line({**row, "val_acc": 0.86, "val_loss": 0.3, "ema_test_acc": 0.84, "ema_val_acc": 0.83}, 5)
     assert "test_acc 0.8500  val_acc 0.8600  ema_val_acc 0.8300  ema_test_acc 0.8400  lr 0.1" in line
+
+
+def test_the_curves_title_claims_the_final_test_acc_and_the_validation_choice():
+    """Never the best of the test epochs (issue 13: that selects on the test set)."""
+    from resnet_cli.reporting import curves_title
+
+    rows = [{"epoch": 1, "test_acc": 0.91}, {"epoch": 2, "test_acc": 0.95}, {"epoch": 3, "test_acc": 0.93}]
+    assert curves_title(rows, "resnet20") == "resnet20  (final test acc 0.9300)"
+    with_val = [{**r, "val_acc": v} for r, v in zip(rows, (0.92, 0.90, 0.92))]
+    assert curves_title(with_val, "m") == "m  (final test acc 0.9300; best val acc 0.9200 @ epoch 1)"

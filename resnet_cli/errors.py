@@ -68,6 +68,12 @@ def error_line(e: BaseException) -> str:
     return text[:500]
 
 
+def first_line(e: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message, cut: libraries' messages (torch's unpickler,
+    MLflow, torchvision) run to many lines, and only the first one fits an error line."""
+    return (str(e).strip().splitlines() or [""])[0][:limit]
+
+
 def fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
     print(f"error: {message}", file=sys.stderr)
     sys.exit(code)

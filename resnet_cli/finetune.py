@@ -19,6 +19,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from .errors import first_line
 from .models.resnet import ModelConfigError
 
 log = logging.getLogger("resnet_cli")
@@ -67,7 +68,7 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], str]:
     except FileNotFoundError:
         raise ModelConfigError(f"model.init_from={path}: no such file") from None
     except Exception as e:  # the unpickler fails in many ways on damaged or foreign files
-        first = (str(e).strip().splitlines() or [""])[0][:160]
+        first = first_line(e, 160)
         raise ModelConfigError(f"model.init_from={path}: cannot be read as weights ({type(e).__name__}: {first})") \
             from None
     kind = "state_dict"

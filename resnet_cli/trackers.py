@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
 from .checkpoint import atomic_write_json, writable_folder_error
 from .config import ConfigError
+from .errors import first_line
 
 if TYPE_CHECKING:
     from .engine import Running
@@ -421,7 +422,7 @@ class Trackers:
         try:
             self._log_results(cfg, results)
         except Exception as e:  # the trackers' own error types; all mean "could not log there"
-            first = (str(e).strip().splitlines() or [""])[0][:200]
+            first = first_line(e)
             log.warning("could not log the final results to the trackers (%s: %s); the run's own files are "
                         "complete in %s", type(e).__name__, first, self.run_dir)
 
@@ -465,7 +466,7 @@ def _cannot_log(name: str, where: Any) -> Iterator[None]:
     except ConfigError:
         raise
     except Exception as e:  # the library's own error types; all mean "cannot log there"
-        first = (str(e).strip().splitlines() or [""])[0][:200]
+        first = first_line(e)
         raise ConfigError(f"logger={name}: cannot log to {where} ({type(e).__name__}: {first})") from None
 
 

@@ -29,7 +29,6 @@ from . import cuda_graphs, distributed, finetune, resume
 from .checkpoint import (CheckpointWriter, atomic_write_json, load_checkpoint, remove_stale_temp_files,
                          resolve_resume)
 from .config import ConfigError, check_values, tta_hflip_on
-from .errors import ModelConfigError
 from .data import Data, DataError, load_data, resolve_pipeline
 from .data.prefetch import prefetched
 from .distributed import DistInfo
@@ -37,6 +36,7 @@ from .ema import build_ema
 from .engine import (HOST_READ_EVERY, NonFiniteLoss, Running, StepContext, configure_cuda, evaluate,
                      global_epoch_stats, global_running, rank_share, resolve_device, resolve_precision,
                      train_one_epoch)
+from .errors import ModelConfigError
 from .models import build_model, stage_sizes
 from .models.resnet import ModelSpec
 from .reporting import MetricsFile, epoch_line, epoch_progress, plot_curves, progress_mode

@@ -303,3 +303,16 @@ def test_an_unwritable_tracking_uri_is_refused(override, needle, tmp_path):
 def test_log_every_must_be_positive():
     with pytest.raises(ConfigError, match=r"logger.tensorboard.log_every_n_steps=0: must be >= 1"):
         check({"tensorboard": {"log_every_n_steps": 0, "flush_secs": 30}})
+
+
+def test_a_tracker_that_cannot_start_is_one_line_naming_the_logger():
+    """A library's own error (many lines, its own type) becomes a ConfigError: the logger, where, the first line."""
+    from resnet_cli.trackers import _cannot_log
+
+    with pytest.raises(ConfigError) as info:
+        with _cannot_log("mlflow", "http://tracker:5000"):
+            raise OSError("connection refused\n  retried 5 times\n  giving up")
+    assert str(info.value) == "logger=mlflow: cannot log to http://tracker:5000 (OSError: connection refused)"
+    with pytest.raises(ConfigError, match="^logger.tensorboard.flush_secs"):  # our own refusals pass unchanged
+        with _cannot_log("tensorboard", "tb"):
+            raise ConfigError("logger.tensorboard.flush_secs=0: must be >= 1")

@@ -11,6 +11,7 @@ from typing import Any, Mapping
 import torch
 from torch.utils.data import Subset
 
+from ..errors import first_line
 from .batches import DeviceBatches, EpochOrder, LoaderBatches, default_workers
 from .sources import DATASETS, DataError, as_uint8_nchw, check_available, open_torchvision, synthetic
 from .transforms import Preprocess, device_batch, sample_transform
@@ -186,7 +187,7 @@ def _image_folders(cfg: Mapping[str, Any]):
         try:
             folders.append(ImageFolder(str(root / split)))
         except (FileNotFoundError, RuntimeError) as e:  # a class folder without images, or no class folders
-            first = (str(e).strip().splitlines() or [""])[0]
+            first = first_line(e)
             raise DataError(f"data.root={root}: {split}/: {first}") from None
     train, test = folders
     if train.classes != test.classes:

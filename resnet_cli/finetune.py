@@ -155,6 +155,22 @@ class EvalBatchNorm2d(nn.BatchNorm2d):
         return super().train(False)
 
 
+def convert_sync_batchnorm(module: nn.Module) -> nn.Module:
+    """torch's SyncBatchNorm.convert_sync_batchnorm, except for frozen BatchNorm: torch's would
+    turn an EvalBatchNorm2d into a SyncBatchNorm that trains (batch statistics, updated running
+    statistics), so a frozen part would differ from a single-process run. A frozen layer uses
+    its running statistics and has nothing to sync."""
+    if isinstance(module, EvalBatchNorm2d):
+        return module
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    for name, child in module.named_children():
+        converted = convert_sync_batchnorm(child)
+        if converted is not child:
+            module.add_module(name, converted)
+    return module
+
+
 def parts(model: nn.Module) -> dict[str, list[str]]:
     """Part name -> the top-level module names it covers."""
     stages = list(model.stage_names)

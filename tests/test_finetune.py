@@ -19,7 +19,7 @@ from conftest import assert_one_error_line, run_cli
 
 from resnet_cli import build_model
 from resnet_cli.checkpoint import load_checkpoint, save_checkpoint
-from resnet_cli.finetune import EvalBatchNorm2d, check, freeze, init_model, read_state_dict
+from resnet_cli.finetune import EvalBatchNorm2d, check, convert_sync_batchnorm, freeze, init_model, read_state_dict
 from resnet_cli.models import ModelConfigError
 from resnet_cli.train import build_optimizer, build_scheduler
 
@@ -118,6 +118,21 @@ def test_a_resnet_cli_checkpoint_and_wrapped_state_dicts(tmp_path):
     junk.write_bytes(b"not a weights file")
     with pytest.raises(ModelConfigError, match="cannot be read as weights"):
         read_state_dict(junk)
+
+
+def test_sync_batchnorm_leaves_frozen_batchnorm_frozen():
+    """Under torchrun with trainer.sync_batchnorm=true, torch's converter would turn a frozen
+    part's EvalBatchNorm2d into a SyncBatchNorm that trains; ours keeps it."""
+    model = build_model("resnet18", in_channels=1, num_classes=10)
+    freeze(model, ["stem", "layer1"])
+    keys = list(model.state_dict())
+    model = convert_sync_batchnorm(model)
+    assert isinstance(model.bn1, EvalBatchNorm2d) and isinstance(model.layer1[1].bn2, EvalBatchNorm2d)
+    assert isinstance(model.layer2[0].bn1, torch.nn.SyncBatchNorm)
+    assert isinstance(model.layer2[0].downsample[1], torch.nn.SyncBatchNorm)  # inside a Sequential too
+    model.train()
+    assert not model.bn1.training and model.layer2[0].bn1.training
+    assert list(model.state_dict()) == keys  # checkpoints load either way
 
 
 def test_frozen_parts_do_not_change_in_training(tv_file):

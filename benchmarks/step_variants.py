@@ -164,7 +164,7 @@ def stepper(v: Variant, device: torch.device, precision: str, size: int, batch: 
     model = build(v, device)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4)
     ctx = StepContext(opt, None, nn.CrossEntropyLoss(label_smoothing=0.1), device, precision,
-                      channels_last=v.layout == "channels_last", report_every=1 if device.type == "cpu" else 25,
+                      channels_last=v.layout == "channels_last", report_at=(1,) if device.type == "cpu" else (20,),
                       forward=GraphedForward(model, batch) if v.graphs else None)
     g = torch.Generator(device).manual_seed(0)
     data = [(torch.randn(batch, 1, size, size, device=device, generator=g),

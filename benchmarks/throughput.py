@@ -109,7 +109,7 @@ def ours_steps(model_name: str, size: int, batch: int, device: torch.device, roo
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4)
     graphs, _ = decide("auto", device, distributed=False, compiled=False)
     ctx = StepContext(opt, None, nn.CrossEntropyLoss(label_smoothing=0.1), device, precision,
-                      report_every=1 if device.type == "cpu" else 25,
+                      report_at=(1,) if device.type == "cpu" else (20,),
                       forward=GraphedForward(model, batch) if graphs else None)
 
     def endless():

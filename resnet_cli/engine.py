@@ -118,7 +118,10 @@ class StepContext:
     grad_clip: float | None = None
     skip_nonfinite: bool = False
     channels_last: bool = True
-    report_every: int = 1  # steps between on_step calls (each one syncs a GPU)
+    # on_step runs after the steps that are a multiple of any of these (each call syncs a GPU):
+    # (1,) on the CPU; on CUDA the host-read cadence plus the steps that must be hit exactly
+    # (mid-epoch checkpoints, tracker points), so the reads fall together.
+    report_at: tuple[int, ...] = (1,)
     # An exponential moving average of the weights (torch.optim.swa_utils.AveragedModel), updated
     # after every optimizer step from `ema_source` (the un-wrapped model).
     ema: nn.Module | None = None
@@ -150,6 +153,12 @@ def eager_forward(ctx: StepContext, model: nn.Module, x: torch.Tensor, y: torch.
     with autocast(ctx.device, ctx.precision):
         logits = model(x)
         return logits, ctx.loss_fn(logits, y)
+
+
+def sum_dtype(device: torch.device) -> torch.dtype:
+    """Loss sums over an epoch in float64 (thousands of batches), except on Apple GPUs: MPS has
+    no float64 at all, and a float64 tensor there fails at the first step."""
+    return torch.float32 if device.type == "mps" else torch.float64
 
 
 def _distributed() -> bool:
@@ -186,7 +195,7 @@ def train_one_epoch(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torc
     run = running or Running()
     sync_every_step = ctx.device.type != "cuda" or ctx.skip_nonfinite
     smoothing = float(getattr(ctx.loss_fn, "label_smoothing", 0.0))
-    loss_sum = torch.zeros((), dtype=torch.float64, device=ctx.device)
+    loss_sum = torch.zeros((), dtype=sum_dtype(ctx.device), device=ctx.device)
     correct = torch.zeros((), dtype=torch.int64, device=ctx.device)
     pending = []  # CUDA: losses checked in groups, so the GPU is not stalled every step
     forward = ctx.forward or eager_forward
@@ -234,7 +243,7 @@ def train_one_epoch(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torc
             # The logged train_loss is plain cross-entropy, like test_loss: with label smoothing
             # the optimized loss is a different quantity and the curves would not compare.
             shown = loss if not smoothing else F.cross_entropy(logits.detach().float(), y)
-            loss_sum += shown.detach().double() * y.shape[0]
+            loss_sum += shown.detach().to(loss_sum.dtype) * y.shape[0]
             correct += (logits.argmax(1) == y).sum()
             run.counted += y.shape[0]
         run.last_lr = ctx.optimizer.param_groups[0]["lr"]
@@ -246,7 +255,7 @@ def train_one_epoch(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torc
             pending.append((run.steps, loss.detach()))  # 1-based step number
             if len(pending) >= HOST_READ_EVERY:
                 _check_pending(pending, epoch, ctx.device)
-        if on_step is not None and run.steps % ctx.report_every == 0:
+        if on_step is not None and any(run.steps % k == 0 for k in ctx.report_at):
             _fold(run, loss_sum, correct)
             loss_sum.zero_(), correct.zero_()
             run.train_seconds += time.perf_counter() - t0
@@ -336,7 +345,7 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tenso
     tta_hflip: average the softmax of each image and its mirror image (`scored_logits`)."""
     model.eval()
     loss_fn = loss_fn or nn.CrossEntropyLoss()
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    loss_sum = torch.zeros((), dtype=sum_dtype(device), device=device)
     hits = torch.zeros(len(topk), dtype=torch.int64, device=device)
     seen = 0
     preds, targets = [], []
@@ -347,7 +356,7 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tenso
         if channels_last and x.ndim == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         logits = scored_logits(model, x, device, precision, tta_hflip)[:n]
-        loss_sum += loss_fn(logits, y).double() * y.shape[0]
+        loss_sum += loss_fn(logits, y).to(loss_sum.dtype) * y.shape[0]
         k = min(max(topk), logits.shape[1])
         top = logits.topk(k, dim=1).indices
         match = top == y[:, None]

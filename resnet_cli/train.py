@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import os
 import random
 import shlex
@@ -348,7 +347,7 @@ def _train(cfg: dict[str, Any], run_dir: Path, dinfo: DistInfo, stop: StopSignal
             if device.type != "cuda":
                 raise ConfigError(f"trainer.sync_batchnorm=true: PyTorch's SyncBatchNorm needs CUDA devices, "
                                   f"this run is on {device.type}; set it to false")
-            model = core = nn.SyncBatchNorm.convert_sync_batchnorm(core)
+            model = core = finetune.convert_sync_batchnorm(core)
         model = nn.parallel.DistributedDataParallel(core, device_ids=[device.index] if device.type == "cuda" else None)
     elif tcfg["sync_batchnorm"]:
         # One process has no other batches to sync with: BatchNorm is already exact; say so rather than
@@ -365,10 +364,7 @@ def _train(cfg: dict[str, Any], run_dir: Path, dinfo: DistInfo, stop: StopSignal
     loss_fn = nn.CrossEntropyLoss(label_smoothing=float(tcfg["label_smoothing"]))
     ctx = StepContext(optimizer, scheduler, loss_fn, device, precision, scaler, tcfg["grad_clip"],
                       tcfg["skip_nonfinite"], tcfg["channels_last"],
-                      # CUDA reads the step's numbers on the host every 25 steps, not every step
-                      # (each read waits for the GPU); a divisor of checkpoint_every_steps, so
-                      # those checkpoints still fall on a report
-                      report_every=1 if device.type == "cpu" else math.gcd(25, tcfg["checkpoint_every_steps"] or 25),
+                      report_at=report_steps(device, tcfg["checkpoint_every_steps"], cfg.get("logger")),
                       ema=build_ema(core, tcfg["ema_decay"]), ema_source=core,
                       forward=cuda_graphs.GraphedForward(core, cfg["batch_size"]) if graphs else None)
     tr = Trainer(model, core, ctx, data, cfg, run_dir, dinfo, clock=clock)
@@ -505,6 +501,18 @@ def _exit_resumable(tr: Trainer, clock: Clock, model_name: str, code: int) -> No
 
 ACC_MARKS = (0.90, 0.92, 0.93, 0.94, 0.95)  # time-to-accuracy thresholds (issue 13)
 CPU_ETA_HINT_S = 30 * 60
+
+
+def report_steps(device: torch.device, checkpoint_every: int | None, logger: Any) -> tuple[int, ...]:
+    """The steps after which train_one_epoch calls on_step (progress, checkpoints, tracker points).
+    CUDA reads the step's numbers on the host every HOST_READ_EVERY steps, when the engine checks
+    its batched losses, not every step (each read waits for the GPU); mid-epoch checkpoints and
+    TensorBoard points add their own steps, hit exactly."""
+    if device.type != "cuda":
+        return (1,)
+    tb = (logger or {}).get("tensorboard") or {}
+    extra = (checkpoint_every, tb.get("log_every_n_steps"))
+    return (HOST_READ_EVERY, *sorted({int(k) for k in extra if k}))
 
 
 def _eta_hint(tr: Trainer, run: Running, epoch: int, steps_per_epoch: int) -> None:

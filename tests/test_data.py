@@ -373,3 +373,14 @@ def test_too_few_training_images_for_a_batch_are_refused(tmp_path, monkeypatch, 
     code, _, err = call_main(main, "resnet-train", ["data=synthetic", "data.train_size=1"], monkeypatch, capfd)
     assert code == 2 and err.startswith("error: data: 1 training image(s) make no batch to train on") and \
         err.count("\n") == 1, err
+
+
+def test_normalization_constants_are_made_once_per_device_and_dtype():
+    """torch.tensor(list, device=cuda) waits for the GPU's queue: made once, not per batch."""
+    from resnet_cli.data.transforms import _channel_tensor
+
+    x = torch.zeros(2, 3, 4, 4)
+    mean = _channel_tensor([0.5, 0.4, 0.3], x)
+    assert mean is _channel_tensor((0.5, 0.4, 0.3), x)
+    assert mean.shape == (1, 3, 1, 1) and mean.dtype == x.dtype
+    assert _channel_tensor([0.5, 0.4, 0.3], x.double()).dtype == torch.float64

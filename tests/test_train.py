@@ -312,3 +312,33 @@ def test_the_curves_title_claims_the_final_test_acc_and_the_validation_choice():
     assert curves_title(rows, "resnet20") == "resnet20  (final test acc 0.9300)"
     with_val = [{**r, "val_acc": v} for r, v in zip(rows, (0.92, 0.90, 0.92))]
     assert curves_title(with_val, "m") == "m  (final test acc 0.9300; best val acc 0.9200 @ epoch 1)"
+
+
+def test_on_step_falls_on_the_host_read_cadence_and_on_checkpoint_and_tracker_steps():
+    """On CUDA each on_step call waits for the GPU: it runs every HOST_READ_EVERY steps (when the
+    engine checks its losses anyway) and exactly at the steps a checkpoint or tracker point needs,
+    not at a cadence of its own."""
+    from torch import nn
+
+    from resnet_cli.engine import HOST_READ_EVERY, StepContext, train_one_epoch
+    from resnet_cli.train import report_steps
+
+    cuda = torch.device("cuda", 0)  # a device object; nothing runs on it
+    assert report_steps(torch.device("cpu"), 40, {"tensorboard": {"log_every_n_steps": 50}}) == (1,)
+    assert report_steps(cuda, None, None) == (HOST_READ_EVERY,) == (20,)
+    assert report_steps(cuda, 64, {"tensorboard": {"log_every_n_steps": 50}}) == (20, 50, 64)
+
+    model = nn.Linear(4, 3)
+    batches = [(torch.randn(2, 4), torch.randint(0, 3, (2,))) for _ in range(130)]
+    ctx = StepContext(torch.optim.SGD(model.parameters(), lr=0.01), None, nn.CrossEntropyLoss(),
+                      torch.device("cpu"), "fp32", channels_last=False, report_at=(20, 50, 64))
+    calls = []
+    train_one_epoch(model, batches, ctx, epoch=1, on_step=lambda run: calls.append(run.steps))
+    assert calls == [20, 40, 50, 60, 64, 80, 100, 120, 128]
+
+
+def test_loss_sums_avoid_float64_on_apple_gpus():
+    from resnet_cli.engine import sum_dtype
+
+    assert sum_dtype(torch.device("cpu")) == sum_dtype(torch.device("cuda", 0)) == torch.float64
+    assert sum_dtype(torch.device("mps")) == torch.float32  # MPS has no float64

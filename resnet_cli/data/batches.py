@@ -121,14 +121,15 @@ class _SeededSamples(Dataset):
 class LoaderBatches:
     """The DataLoader path, for data that does not fit in memory (image folders)."""
 
-    def __init__(self, dataset: Dataset, order: EpochOrder, device: torch.device, num_workers: int):
+    def __init__(self, dataset: Dataset, order: EpochOrder, device: torch.device, num_workers: int,
+                 prefetch: int = 4):
         self.order, self.device = order, device
         self.sampler = _OrderSampler(order)
         pin = device.type == "cuda"
         self.loader = DataLoader(
             _SeededSamples(dataset), batch_size=order.batch_size, sampler=self.sampler, num_workers=num_workers,
             pin_memory=pin, persistent_workers=num_workers > 0, drop_last=False,
-            prefetch_factor=4 if num_workers > 0 else None)
+            prefetch_factor=prefetch if num_workers > 0 else None)
 
     def __len__(self) -> int:
         return self.order.num_batches()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Sequence
 
 import torch
@@ -135,7 +136,14 @@ def resize(x: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def _channel_tensor(values: Sequence[float], like: torch.Tensor) -> torch.Tensor:
-    return torch.tensor(list(values), dtype=like.dtype, device=like.device).view(1, -1, 1, 1)
+    return _on_device(tuple(values), like.dtype, like.device)
+
+
+@lru_cache(maxsize=32)
+def _on_device(values: tuple[float, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    # Made once per device: torch.tensor(list, device=cuda) is a blocking copy that waits for
+    # the GPU's whole queue, which would stall every training batch and every prefetch.
+    return torch.tensor(values, dtype=dtype, device=device).view(1, -1, 1, 1)
 
 
 def device_batch(images_u8: torch.Tensor, prep: Preprocess, train: bool,

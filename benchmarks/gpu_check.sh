@@ -31,15 +31,21 @@ if [ "$smoke" = 0 ]; then
     echo "error: no CUDA device visible to torch ($version) with $PY; run this on a GPU machine, or pass --cpu-smoke" >&2
     exit 2
   fi
-  if ! "$PY" -c "import hydra, omegaconf, antlr4" 2>/dev/null; then
-    shopt -s nullglob
-    wheels=(wheelhouse/*.whl)
-    if [ ${#wheels[@]} -eq 0 ]; then
-      echo "error: hydra-core/omegaconf/antlr4 are missing and wheelhouse/ has no wheels; run benchmarks/fetch_wheels.sh on a machine with network and bring wheelhouse/ along" >&2
-      exit 2
+  # Only what is missing: a GPU image's own pytest (with its plugins) stays as it is.
+  shopt -s nullglob
+  wheels=()
+  for pair in hydra:hydra_core omegaconf:omegaconf antlr4:antlr4_python3_runtime pytest:pytest \
+              pluggy:pluggy iniconfig:iniconfig packaging:packaging pygments:pygments; do
+    if ! "$PY" -c "import ${pair%%:*}" 2>/dev/null; then
+      found=(wheelhouse/"${pair#*:}"-*.whl)
+      if [ ${#found[@]} -eq 0 ]; then
+        echo "error: ${pair%%:*} is missing and wheelhouse/ has no wheel of it; run benchmarks/fetch_wheels.sh on a machine with network and bring wheelhouse/ along" >&2
+        exit 2
+      fi
+      wheels+=("${found[@]}")
     fi
-    pip_install "${wheels[@]}"
-  fi
+  done
+  if [ ${#wheels[@]} -gt 0 ]; then pip_install "${wheels[@]}"; fi
   # The console scripts (the tests run resnet-eval); --no-deps leaves torch as it is.
   if ! pip_install .; then
     echo "warning: could not install the project; using PYTHONPATH and command shims" >&2

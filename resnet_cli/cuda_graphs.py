@@ -15,7 +15,9 @@ Correct by construction:
 - capture's warm-up passes run the model in training mode, which moves BatchNorm statistics
   and counters: every buffer and the RNG streams are put back afterwards, so a run with
   graphs computes what a run without them computes, and a resume stays exact;
-- a failed capture leaves training eager, with one log line saying why.
+- a failed capture leaves training eager, with one log line saying why; on torch before
+  2.12, which cannot go on safely after one (see `recovers_from_failed_capture`), it stops
+  the run with one line that says to turn graphs off.
 """
 
 from __future__ import annotations
@@ -30,8 +32,20 @@ from torch import nn
 
 from .config import CUDA_GRAPHS, ConfigError
 from .engine import StepContext, eager_forward
+from .errors import first_line
 
 log = logging.getLogger("resnet_cli")
+
+def recovers_from_failed_capture(version: str = torch.__version__) -> bool:
+    """Whether training can go on eagerly after a capture that failed on the GPU. Before torch
+    2.12 (pytorch PR 180395) a failing cudaStreamEndCapture skipped the allocator's end of
+    capture: it then believes a capture is still under way, never reuses memory freed with
+    record_stream (every prefetched batch: ~9 MB a step for the default run) and can abort the
+    process at a later empty_cache with "captures_underway.empty()"."""
+    from torch.torch_version import TorchVersion
+
+    return TorchVersion(version.split("+")[0]) >= (2, 12)
+
 
 def thread_local_capture() -> bool:
     """Whether make_graphed_callables takes capture_error_mode (pytorch PR 188832, July 2026:
@@ -154,11 +168,13 @@ class GraphedForward:
                 and y.shape == sy.shape and y.dtype == sy.dtype and y.device == sy.device)
 
     def _capture(self, ctx: StepContext, x: torch.Tensor, y: torch.Tensor) -> None:
+        if x.device.type != "cuda":  # a graph would capture no CPU work and replay stale outputs
+            self.failure = f"batches on {x.device}, not a CUDA device"
+            log.warning("cuda graphs: capture failed (%s); training without them", self.failure)
+            return
         static = (x.detach().clone(memory_format=torch.preserve_format), y.detach().clone())
         step = _LossOf(self.model, ctx.loss_fn, x.device, ctx.precision)
         try:
-            if x.device.type != "cuda":  # a graph would capture no CPU work and replay stale outputs
-                raise RuntimeError(f"batches on {x.device}, not a CUDA device")
             main = torch.cuda.current_stream(x.device)
             with preserved(self.model, x.device):
                 try:
@@ -171,11 +187,15 @@ class GraphedForward:
                     torch.cuda.set_stream(main)
         except Exception as e:  # noqa: BLE001 (whatever broke the capture, eager training still works)
             self.graphed = None
-            self.failure = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
+            self.failure = f"{type(e).__name__}: {first_line(e)}"
+            if not recovers_from_failed_capture():
+                raise ConfigError(f"trainer.cuda_graphs: capture failed ({self.failure}); torch {torch.__version__} "
+                                  "cannot train on safely after a failed capture (fixed in torch 2.12): rerun with "
+                                  "trainer.cuda_graphs=false") from None
             log.warning("cuda graphs: capture failed (%s); training without them", self.failure)
             return
         self.static = static
         log.info("cuda graphs: forward+backward captured for batches of %s", "x".join(map(str, x.shape)))
 
 
-__all__ = ["GraphedForward", "decide", "preserved", "thread_local_capture"]
+__all__ = ["GraphedForward", "decide", "preserved", "recovers_from_failed_capture", "thread_local_capture"]

@@ -13,7 +13,7 @@ from torch import nn
 
 from resnet_cli import build_model
 from resnet_cli.config import ConfigError
-from resnet_cli.cuda_graphs import GraphedForward, decide, preserved
+from resnet_cli.cuda_graphs import GraphedForward, decide, preserved, recovers_from_failed_capture
 from resnet_cli.data.prefetch import prefetched
 from resnet_cli.engine import StepContext, train_one_epoch
 
@@ -131,6 +131,14 @@ def test_a_failed_capture_trains_eagerly_and_says_so_once(caplog):
     assert len(failed) == 1 and "training without them" in failed[0].getMessage()
     assert losses == eager_losses
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), eager_model.state_dict().values()))
+
+
+def test_only_torch_2_12_on_trains_on_after_a_failed_capture():
+    """Older torch leaves its allocator mid-capture after a failed one (pytorch PR 180395)."""
+    assert not recovers_from_failed_capture("2.11.0+cu130")
+    assert not recovers_from_failed_capture("2.12.0a0+git1234abc")  # a nightly before the release
+    assert recovers_from_failed_capture("2.12.0")
+    assert recovers_from_failed_capture("2.14.1+cpu")
 
 
 @pytest.mark.parametrize("device,enabled", [(CPU, True), (CUDA, False)])  # off CUDA, or trainer.prefetch=false

@@ -20,7 +20,8 @@ from torch import nn
 
 from resnet_cli import build_model
 from resnet_cli.checkpoint import load_checkpoint
-from resnet_cli.cuda_graphs import GraphedForward
+from resnet_cli.config import ConfigError
+from resnet_cli.cuda_graphs import GraphedForward, recovers_from_failed_capture
 from resnet_cli.data import load_data
 from resnet_cli.data.prefetch import prefetched
 from resnet_cli.engine import NonFiniteLoss, StepContext, train_one_epoch
@@ -54,7 +55,7 @@ def _train(graphs: bool, precision: str, epochs: int = 2, nan_at: int | None = N
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=epochs * len(data.train))
     scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
-    ctx = StepContext(opt, sched, nn.CrossEntropyLoss(label_smoothing=0.1), CUDA, precision, scaler, report_every=1,
+    ctx = StepContext(opt, sched, nn.CrossEntropyLoss(label_smoothing=0.1), CUDA, precision, scaler, report_at=(1,),
                       forward=GraphedForward(model, BATCH) if graphs else None, **step)
     losses: list[float | None] = []
     for epoch in range(1, epochs + 1):
@@ -108,6 +109,16 @@ class _HostSync(nn.Module):
 
 
 def test_a_failed_capture_trains_eagerly_with_one_log_line(caplog):
+    """On torch >= 2.12. Older torch cannot go on after a failed capture: one line says to turn
+    graphs off; there the test runs in a process of its own, since the allocator stays broken."""
+    if not recovers_from_failed_capture() and os.environ.get("RESNET_CLI_TEST_ISOLATED") != "1":
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                               f"{__file__}::test_a_failed_capture_trains_eagerly_with_one_log_line"],
+                              env={**os.environ, "RESNET_CLI_TEST_ISOLATED": "1"}, cwd=Path(__file__).parent,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0 and " passed" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-2000:]
+        return
+
     def tiny():
         torch.manual_seed(0)
         return nn.Sequential(nn.Conv2d(1, 8, 3), nn.BatchNorm2d(8), _HostSync(), nn.Flatten(),
@@ -122,6 +133,10 @@ def test_a_failed_capture_trains_eagerly_with_one_log_line(caplog):
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         ctx = StepContext(opt, None, nn.CrossEntropyLoss(), CUDA, "fp32", channels_last=False,
                           forward=GraphedForward(model, 16) if graphs else None)
+        if graphs and not recovers_from_failed_capture():
+            with pytest.raises(ConfigError, match=r"capture failed .*rerun with trainer.cuda_graphs=false$"):
+                train_one_epoch(model, batches, ctx, epoch=1)
+            return
         with caplog.at_level(logging.INFO, logger="resnet_cli"):
             train_one_epoch(model, batches, ctx, epoch=1)
         states.append(model.state_dict())
@@ -131,6 +146,22 @@ def test_a_failed_capture_trains_eagerly_with_one_log_line(caplog):
     # eager both times (cuDNN's weight gradients may sum in any order: close, not equal)
     for (name, a), b in zip(states[1].items(), states[0].values()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_training_batches_are_made_without_waiting_for_the_gpu():
+    """The memory pipeline's crop, flip, resize, normalization and erasing queue GPU work only:
+    a host sync there would stall every step (and the prefetch stream). The first batch may
+    sync (normalization constants are copied to the device once)."""
+    spec = {**SYNTHETIC, "resize": 32, "erase_prob": 0.5}
+    data = load_data(spec, BATCH, 256, 0, CUDA)
+    next(iter(data.train.batches(1)))
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        batches = list(data.train.batches(2)) + list(data.test.batches(0))
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert len(batches) == len(data.train) + len(data.test)
 
 
 def test_prefetched_batches_are_bit_identical():
@@ -160,7 +191,7 @@ def _only_run(root: Path) -> Path:
 
 
 def _rows(run: Path) -> list[dict]:
-    timing = {"epoch_time_s", "train_images_per_s", "eval_time_s"}
+    timing = {"epoch_time_s", "train_images_per_s", "eval_time_s", "elapsed_s"}  # wall clock differs
     path = run / "metrics.jsonl"
     rows = [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
     return [{k: v for k, v in r.items() if k not in timing} for r in rows]
@@ -188,13 +219,19 @@ def test_graphs_are_on_by_default_on_cuda(straight_run):
 def test_resume_after_an_interrupt_equals_an_uninterrupted_run(straight_run, tmp_path):
     proc = subprocess.Popen([*DETERMINISTIC, *RUN], cwd=tmp_path, env=DET_ENV, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 300
+    # Stop in epoch 2: at the first checkpoint written after epoch 1's row (epoch 1's own
+    # last.pt or epoch 2's mid-epoch one), not after a fixed time, which a fast GPU may need
+    # less than to finish the run.
+    deadline, seen = time.time() + 300, None
     while time.time() < deadline and proc.poll() is None:
         rows = list(tmp_path.glob("outputs/*/*/metrics.jsonl"))
-        if rows and rows[0].read_text().strip():
+        last = list(tmp_path.glob("outputs/*/*/checkpoints/last.pt"))
+        stamp = last[0].stat().st_mtime_ns if last else 0
+        if seen is None and rows and rows[0].read_text().strip():
+            seen = stamp
+        elif seen is not None and stamp != seen:
             break
-        time.sleep(0.02)
-    time.sleep(0.5)  # into epoch 2
+        time.sleep(0.005)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 130, err[-3000:]  # stopped, not finished
@@ -207,8 +244,14 @@ def test_resume_after_an_interrupt_equals_an_uninterrupted_run(straight_run, tmp
 
 
 def test_resnet_eval_reproduces_the_best_test_accuracy(straight_run, tmp_path):
-    run_cli("resnet-eval", f"checkpoint={straight_run / 'checkpoints' / 'best.pt'}", f"output_dir={tmp_path}",
-            cwd=tmp_path, check=True)
+    # Under the same deterministic settings as training: cuDNN may otherwise pick another
+    # algorithm, and in bf16 one near-tied image could flip.
+    det_eval = [sys.executable, "-c", "import torch; torch.use_deterministic_algorithms(True, warn_only=True); "
+                "from resnet_cli.evaluate import main; main()"]
+    proc = subprocess.run([*det_eval, f"checkpoint={straight_run / 'checkpoints' / 'best.pt'}",
+                           f"output_dir={tmp_path}"], cwd=tmp_path, env=DET_ENV, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((straight_run / "results.json").read_text())
     assert json.loads((tmp_path / "eval.json").read_text())["top1"] == results["best_test_acc"]
 

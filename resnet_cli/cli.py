@@ -352,7 +352,27 @@ def _resumed_run(resume: str, flags: list[str], overrides: list[str]) -> tuple[_
         # (which does not rewrite overrides.yaml) must not fall back to its first length.
         length = [] if "epochs" in typed else [f"epochs={int(state['config']['epochs'])}"]
         overrides = old + length + overrides
+    root = _checkpoint_data_root(state["config"], record)
+    if root is not None and not {"data", "data.root"} & set(typed):
+        from .resume import override_text
+
+        overrides = overrides + [override_text("data.root", root)]
     return run, flags, overrides
+
+
+def _checkpoint_data_root(config: dict[str, Any], record: DictConfig) -> str | None:
+    """The data folder the run trained on, if it is still there. The recorded overrides say
+    `${oc.env:RESNET_CLI_DATA,data}`, which a resume from another shell or folder would
+    resolve elsewhere (and download again, or fail offline); the checkpoint holds the value the
+    run used, relative to the folder training ran in. As resnet-eval does."""
+    root = (config.get("data") or {}).get("root")
+    if not isinstance(root, str) or not root:
+        return None
+    path = Path(root).expanduser()
+    if not path.is_absolute():
+        cwd = OmegaConf.select(record, "runtime.cwd", default=None)
+        path = Path(cwd) / path if cwd else path.resolve()
+    return str(path) if path.exists() else None
 
 
 def _hydra_record(run_dir: Path) -> DictConfig:

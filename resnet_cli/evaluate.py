@@ -176,7 +176,8 @@ def evaluate_checkpoint(ckpt: Mapping[str, Any], path: Path, data_cfg: Mapping[s
         warnings.append(f"the dataset's class names ({', '.join(map(str, data.class_names[:3]))}, ...) differ from "
                         f"the checkpoint's ({', '.join(loaded.class_names[:3])}, ...); reporting the checkpoint's")
     return {
-        "checkpoint": str(path.resolve()), "epoch": loaded.epoch, "model": loaded.model_name,
+        "checkpoint": str(path.resolve()), "epoch": loaded.epoch, "step": loaded.step, "when": loaded.when(),
+        "model": loaded.model_name,
         "dataset": data_cfg["name"], "split": "test", "images": ev["images"],
         "top1": ev["top1"], "top5": ev["top5"], "loss": ev["loss"],
         "topk_note": None if n >= 5 else f"{n} classes: top5 is top-{n}",
@@ -218,8 +219,8 @@ def confusion_png(result: Mapping[str, Any]) -> bytes:
                             color="white" if frac[i, j] > 0.5 else "black")
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
-    ax.set_title(f"{result['model']} on {result['dataset']} ({Path(result['checkpoint']).name}, epoch "
-                 f"{result['epoch']}): top-1 {result['top1']:.4f}", fontsize=9)
+    ax.set_title(f"{result['model']} on {result['dataset']} ({Path(result['checkpoint']).name}, "
+                 f"{result['when']}): top-1 {result['top1']:.4f}", fontsize=9)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
@@ -246,7 +247,7 @@ def show(result: Mapping[str, Any], stream=None) -> None:
     tty = stream.isatty()
     extras = [x for x, on in (("EMA weights", result.get("weights") == "ema"), ("hflip TTA", result.get("tta_hflip")))
               if on]
-    con.print(escape(f"{result['model']} ({Path(result['checkpoint']).name}, epoch {result['epoch']}) on "
+    con.print(escape(f"{result['model']} ({Path(result['checkpoint']).name}, {result['when']}) on "
                      f"{result['dataset']} test: {result['images']:,} images, "
                      + ", ".join([result["device"], result["precision"], *extras])))
     con.print(f"top-1 {result['top1']:.4f}  top-5 {result['top5']:.4f}  loss {result['loss']:.4f}")

@@ -198,7 +198,13 @@ class Loaded:
     model_name: str
     config: dict[str, Any]
     path: Path
-    epoch: int
+    epoch: int  # epochs done
+    step: int = 0  # steps into the next epoch (a mid-epoch last.pt)
+
+    def when(self) -> str:
+        """`epoch 2`, or `epoch 3, step 40` for a mid-epoch checkpoint: as the stop message
+        of an interrupted run (`stopped at epoch 3, step 40/64`) and its resume say it."""
+        return f"epoch {self.epoch + 1}, step {self.step}" if self.step else f"epoch {self.epoch}"
 
 
 def load_model(ckpt: Mapping[str, Any], path: Path, device: torch.device | str = "cpu",
@@ -229,7 +235,8 @@ def load_model(ckpt: Mapping[str, Any], path: Path, device: torch.device | str =
     names = [str(n) for n in (ckpt.get("class_names") or [])]
     if len(names) != ncls:  # a model head wider than the data's classes: name what we can
         names = (names + [f"class_{i}" for i in range(len(names), ncls)])[:ncls]
-    return Loaded(model, prep, names, ncls, in_ch, spec.name, cfg, path, int(ckpt.get("epoch", 0)))
+    return Loaded(model, prep, names, ncls, in_ch, spec.name, cfg, path, int(ckpt.get("epoch", 0)),
+                  int(ckpt.get("step", 0) or 0))
 
 
 def open_checkpoint(target: str | os.PathLike, device: torch.device | str = "cpu",

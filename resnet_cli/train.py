@@ -390,7 +390,8 @@ def _train(cfg: dict[str, Any], run_dir: Path, dinfo: DistInfo, stop: StopSignal
                      str(tcfg["tta_hflip"]).lower())
         log.info("run dir %s", run_dir)
         if resume_ckpt is not None:
-            log.info("resumed from epoch %d step %d", tr.epoch, tr.step)
+            # as the stop message said it: the epoch it is in (1-based) and the steps done in it
+            log.info("resumed at epoch %d, step %d/%d", tr.epoch + 1, tr.step, steps_per_epoch)
     trackers.start(cfg, steps_per_epoch, tr.epoch * steps_per_epoch + tr.step, tr.running, str(device))
 
     start = (tr.epoch, tr.step)

@@ -216,3 +216,14 @@ def test_a_reader_that_goes_away_does_not_cost_the_report(run_dir, tmp_path):
     os.close(write)
     assert json.loads((tmp_path / "eval.json").read_text())["images"] == 128
     assert (tmp_path / "confusion.png").is_file()
+
+
+def test_a_mid_epoch_checkpoint_is_named_as_the_stop_message_names_it():
+    """A last.pt saved at step 40 of epoch 1 has done 0 epochs: `epoch 1, step 40`, not `epoch 0`."""
+    from resnet_cli.inference import Loaded
+
+    def when(epoch: int, step: int) -> str:
+        return Loaded(None, None, [], 10, 1, "resnet20", {}, Path("last.pt"), epoch, step).when()
+
+    assert when(0, 40) == "epoch 1, step 40"
+    assert when(2, 0) == "epoch 2"

@@ -99,13 +99,15 @@ def test_interrupt_then_resume_equals_an_uninterrupted_run(request, tmp_path, si
     assert done < 3
 
     resumed = run_cli("resnet-train", f"resume={run}", cwd=tmp_path, check=True)
-    assert "resumed from epoch" in resumed.stdout
+    # the resume names the point the stop message named (epoch counted from 1, steps done in it)
+    stopped = re.search(r"stopped at epoch (\d+), step (\d+/\d+)", proc.stdout)
+    assert stopped and f"resumed at epoch {stopped[1]}, step {stopped[2]}" in resumed.stdout, resumed.stdout
     assert untimed(run) == untimed(straight)
     a, b = weights(run), weights(straight)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     # the log was appended to, not replaced
     log = (run / "train.log").read_text()
-    assert "stopping after this step" in log and "resumed from epoch" in log
+    assert "stopping after this step" in log and "resumed at epoch" in log
     # the run's original record is kept
     assert "resume=" not in (run / ".hydra" / "overrides.yaml").read_text()
 
@@ -558,3 +560,25 @@ def test_a_cuda_run_saves_and_restores_its_own_gpus_random_state(monkeypatch):
     set_rng_state(older, torch.device("cuda", 2))  # no saved state for that GPU: left as seeded
     set_rng_state(saved, torch.device("cpu"))
     assert not restored and "cuda_device" not in rng_state(torch.device("cpu"))
+
+
+def test_resume_from_another_folder_finds_the_data_the_run_trained_on(tmp_path):
+    """The recorded overrides hold data.root as typed (relative here; by default
+    ${oc.env:RESNET_CLI_DATA,data}): resolved again in another folder or shell they would
+    point elsewhere. The run goes on with the folder it trained on, unless data.root is typed."""
+    from test_data import _image_folder
+
+    _image_folder(tmp_path / "images", {"cat": 4, "dog": 4}, {"cat": 2, "dog": 2})
+    run = tmp_path / "run"
+    run_cli("resnet-train", "data=imagefolder", "data.root=images", "data.resize=16", "data.num_workers=0",
+            "model=resnet20", "model.layers=[1,1,1]", "batch_size=4", "epochs=1", "trainer.progress=none",
+            f"hydra.run.dir={run}", cwd=tmp_path, check=True)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    run_cli("resnet-train", f"resume={run}", "epochs=2", cwd=elsewhere, check=True)
+    assert [r["epoch"] for r in untimed(run)] == [1, 2]
+    assert not (elsewhere / "images").exists()
+    # typed, data.root is the user's: a folder that is not there is refused as usual
+    proc = run_cli("resnet-train", f"resume={run}", "epochs=3", "data.root=images", cwd=elsewhere)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "images" in proc.stderr, proc.stderr
+    assert [r["epoch"] for r in untimed(run)] == [1, 2]

@@ -64,14 +64,14 @@ def hydra_error_line(e: BaseException, overrides: list[str]) -> str:
     if key:
         given = next((o.split("=", 1)[1] for o in reversed(overrides) if o.lstrip("+~").split("=", 1)[0] == key), None)
         if "not in struct" in first or "Could not override" in str(e):
-            hint = _close_key(key)
+            hint = _close_key(key, overrides)
             return f"{key}: unknown key{hint}"
         return f"{key}={given}: {first}" if given is not None else f"{key}: {first}"
     text = str(e).strip().splitlines()
     return text[0] if text else type(e).__name__
 
 
-def _close_key(key: str) -> str:
+def _close_key(key: str, overrides: list[str] = ()) -> str:
     from .config import TrainConfig
 
     node: Any = OmegaConf.structured(TrainConfig)
@@ -88,14 +88,45 @@ def _close_key(key: str) -> str:
         # _target_ takes, so suggest from the shipped options' keys.
         from .paths import config_dir
 
-        keys = sorted({str(k) for f in (config_dir() / where).glob("*.yaml") for k in (OmegaConf.load(f) or {})
-                       if not str(k).startswith("_")})
+        options = {f.stem: [str(k) for k in (OmegaConf.load(f) or {}) if not str(k).startswith("_")]
+                   for f in sorted((config_dir() / where).glob("*.yaml"))}
+        chosen = _choice(where, overrides)
+        if chosen in options:
+            having = [o for o, keys in options.items() if leaf in keys]
+            if having:  # a key of another option: naming it again would not help
+                own = f"its keys: {', '.join(options[chosen])}" if options[chosen] else "it takes no keys"
+                return (f" of {where}={chosen} ({own}); "
+                        f"{where}={', '.join(having)} {'has' if len(having) == 1 else 'have'} it")
+        keys = sorted({k for ks in options.values() for k in ks})
         close = difflib.get_close_matches(leaf, keys, n=1)
         hint = f"; did you mean {where}.{close[0]}?" if close else ""
         return hint + f" (a new argument for {where}'s _target_ is given as +{key}=VALUE)"
     close = difflib.get_close_matches(leaf, list(node.keys()), n=1)
     hint = f"; did you mean {'.'.join(parents + close)}?" if close else ""
     return hint + f" (keys{' of ' + where if where else ''}: {', '.join(node.keys())})"
+
+
+def _choice(group: str, overrides: list[str]) -> str | None:
+    """The option of `group` a command line picks: typed (`scheduler=none`), else set by a
+    typed experiment (`override /scheduler: none`), else train.yaml's default. None if that
+    cannot be read from the files (a user's own configs)."""
+    from .paths import config_dir
+
+    typed = dict(o.lstrip("+").split("=", 1) for o in overrides if "=" in o and not o.startswith("~"))
+    if group in typed:
+        return typed[group]
+    sources = [config_dir() / "experiment" / f"{typed['experiment']}.yaml"] if "experiment" in typed else []
+    for path in [*sources, config_dir() / "train.yaml"]:
+        try:
+            defaults = OmegaConf.load(path).get("defaults") or []
+        except OSError:
+            return None
+        for item in defaults:
+            if isinstance(item, DictConfig):
+                for k, v in item.items():
+                    if str(k).replace("override ", "").strip("/ ") == group:
+                        return str(v)
+    return None
 
 
 def compose(config_name: str, overrides: list[str], with_hydra: bool = False,

@@ -267,6 +267,11 @@ def check_target_args(section: str, node: Mapping[str, Any], filled: tuple[str, 
     the key, before anything runs. `filled`: arguments the trainer supplies itself."""
     target = node.get("_target_")
     if not target:
+        # `scheduler=none`: nothing is built, so a key given to it would be silently ignored
+        stray = [k for k in node if not str(k).startswith("_") and k not in own]
+        if stray:
+            raise ConfigError(f"{section}.{stray[0]}: this {section} builds nothing (_target_: null, as "
+                              f"{section}=none), so the key would be ignored; choose a {section} that takes it")
         return
     try:
         from hydra.utils import get_object

@@ -74,7 +74,9 @@ def find_images(inputs: Sequence[str]) -> tuple[list[Path], list[tuple[str, str]
     problems: list[tuple[str, str]] = []
     for item in inputs:
         pattern = os.path.expanduser(item)  # ~ in a pattern, as in a plain path
-        matches = sorted(glob.glob(pattern, recursive=True)) if glob.has_magic(pattern) else [item]
+        # A path that exists is taken as it is: `shot [1].png` is a file name, not a pattern.
+        literal = os.path.exists(pattern) or not glob.has_magic(pattern)
+        matches = [item] if literal else sorted(glob.glob(pattern, recursive=True))
         if not matches:
             problems.append((item, "matches no files"))
         for m in matches:

@@ -182,3 +182,17 @@ def test_bracketed_file_names_and_a_home_pattern_print_as_they_are(run_dir, imag
                                                         "topk=1"], monkeypatch, capsys)
     assert code == 0, err
     assert f"{home / 'imgs' / '[draft] a.png'}" in out and f"{home / 'imgs' / 'x[' / '].png'}" in out
+
+
+def test_a_file_name_with_glob_characters_is_the_file(image_dir, tmp_path):
+    """`big rgb [1].jpg` exists: it is that file, not a pattern that matches `big rgb 1.jpg`."""
+    import shutil
+
+    from resnet_cli.predict import find_images
+
+    for name in ("shot [1].png", "shot 1.png", "star*.png"):
+        shutil.copy(image_dir / "gray_0.png", tmp_path / name)
+    assert find_images([str(tmp_path / "shot [1].png")]) == ([tmp_path / "shot [1].png"], [])
+    assert find_images([str(tmp_path / "star*.png")]) == ([tmp_path / "star*.png"], [])
+    files, problems = find_images([str(tmp_path / "shot [0-9].png")])  # not a file: a pattern
+    assert files == [tmp_path / "shot 1.png"] and not problems

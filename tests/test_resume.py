@@ -500,6 +500,14 @@ BAD_COMMAND_LINES = [
     (["optimizer.momentun=0.9"], "optimizer.momentun: unknown key; did you mean optimizer.momentum? "
                                  "(a new argument for optimizer's _target_ is given as +optimizer.momentun=VALUE)"),
     (["+optimizer.dampening=0.5"], "optimizer.dampening=0.5: must be 0 with optimizer.nesterov=true"),
+    # a key of another option: that option is named, not the same key again
+    (["scheduler=none", "scheduler.warmup_epochs=1"],
+     "scheduler.warmup_epochs: unknown key of scheduler=none (it takes no keys); scheduler=cosine, step have it"),
+    (["optimizer=adamw", "optimizer.momentum=0.9"], "optimizer.momentum: unknown key of optimizer=adamw (its keys: lr, "
+                                                    "betas, weight_decay, decay_norm_bias); optimizer=sgd has it"),
+    (["experiment=d2l", "scheduler.warmup_epochs=1"], "unknown key of scheduler=none (it takes no keys)"),
+    # ... and added with +, it would be ignored where nothing is built
+    (["scheduler=none", "+scheduler.warmup_epochs=1"], "scheduler.warmup_epochs: this scheduler builds nothing"),
     (["data.mean=[0.5]"], "data.mean=[0.5]: set data.mean and data.std together"),
     (["data=imagefolder", "data.channels=4"], "data.channels=4: choose 1 (grayscale) or 3 (RGB) for imagefolder"),
     (["model=plain20", "model.zero_init_residual=true"], "model.zero_init_residual=True: needs model.residual=true"),

@@ -259,6 +259,22 @@ def _key(override: str) -> str:
     return override.lstrip("+~").split("=", 1)[0]
 
 
+def _check_info_request(info: list[str], flags: list[str], overrides: list[str], multirun: bool) -> None:
+    """--help, --cfg, --info with overrides: Hydra composes them and answers a bad one with a
+    traceback (or several lines), and --cfg with -m with a ValueError. Compose them first, as a
+    run would (its data and devices are not checked: nothing runs)."""
+    shown = [f for f in info if f not in ("--version", "--shell-completion", "-sc")]
+    if shown and multirun:  # Hydra composes one config for these, which a sweep's a,b values are not
+        raise ConfigError(f"{shown[0]}: shows one run's config, not a sweep's; drop -m and give one value per key")
+    if not overrides or any(f in ("--shell-completion", "-sc") for f in info):
+        return
+    config_dir = _config_dir(flags)
+    name, primary_dir = _primary_config(flags, config_dir)
+    search = [f"hydra.searchpath=[{_quote('file://' + config_dir)}]"] if config_dir and not primary_dir else []
+    for job in _sweep_jobs(overrides) if multirun else [overrides]:
+        compose(name, job + search, primary_dir=primary_dir)
+
+
 def prepare_train_argv(argv: list[str], dinfo) -> tuple[list[str], Path | None]:
     """Validate, then rewrite argv for the cases Hydra alone gets wrong:
 
@@ -274,7 +290,9 @@ def prepare_train_argv(argv: list[str], dinfo) -> tuple[list[str], Path | None]:
 
     flags, overrides = split_argv(argv)
     multirun = "-m" in flags or "--multirun" in flags
-    if any(f.split("=")[0] in _INFO_FLAGS for f in flags):
+    info = [f.split("=")[0] for f in flags if f.split("=")[0] in _INFO_FLAGS]
+    if info:
+        _check_info_request(info, flags, overrides, multirun)
         return argv, None
     resume = next((o.split("=", 1)[1] for o in reversed(overrides) if o.startswith("resume=")), None)
     extra: list[str] = []

@@ -508,6 +508,11 @@ BAD_COMMAND_LINES = [
     (["experiment=d2l", "scheduler.warmup_epochs=1"], "unknown key of scheduler=none (it takes no keys)"),
     # ... and added with +, it would be ignored where nothing is built
     (["scheduler=none", "+scheduler.warmup_epochs=1"], "scheduler.warmup_epochs: this scheduler builds nothing"),
+    # asking to see the config checks the overrides too (Hydra answered with a traceback)
+    (["--cfg", "job", "lrr=1"], "lrr: unknown key; did you mean lr?"),
+    (["--help", "model=resnet99"], "model=resnet99: unknown option for model"),
+    (["--cfg", "job", "-m", "lr=0.1,0.2"], "--cfg: shows one run's config, not a sweep's"),
+    (["--hydra-help", "-m", "lr=0.1,0.2"], "--hydra-help: shows one run's config, not a sweep's"),
     (["data.mean=[0.5]"], "data.mean=[0.5]: set data.mean and data.std together"),
     (["data=imagefolder", "data.channels=4"], "data.channels=4: choose 1 (grayscale) or 3 (RGB) for imagefolder"),
     (["model=plain20", "model.zero_init_residual=true"], "model.zero_init_residual=True: needs model.residual=true"),

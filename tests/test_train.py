@@ -16,7 +16,7 @@ from resnet_cli.checkpoint import load_checkpoint
 from resnet_cli.cli import compose
 from resnet_cli.reporting import TIMING_FIELDS
 
-from conftest import run_cli
+from conftest import call_main, run_cli
 
 TINY = ["data=synthetic", "data.train_size=192", "data.test_size=96", "batch_size=64", "model=resnet20",
         "trainer.progress=plain"]
@@ -342,3 +342,13 @@ def test_loss_sums_avoid_float64_on_apple_gpus():
 
     assert sum_dtype(torch.device("cpu")) == sum_dtype(torch.device("cuda", 0)) == torch.float64
     assert sum_dtype(torch.device("mps")) == torch.float32  # MPS has no float64
+
+
+def test_cfg_job_prints_the_composed_config_and_runs_nothing(tmp_path, monkeypatch, capfd):
+    from resnet_cli.train import main
+
+    monkeypatch.chdir(tmp_path)
+    code, out, err = call_main(main, "resnet-train", ["--cfg", "job", "lr=0.2", "model=resnet20"], monkeypatch, capfd)
+    assert code == 0, err
+    assert "lr: 0.2" in out and "name: resnet20" in out
+    assert not (tmp_path / "outputs").exists()

@@ -259,6 +259,18 @@ def _key(override: str) -> str:
     return override.lstrip("+~").split("=", 1)[0]
 
 
+def config_source(flags: list[str]) -> tuple[str, str | None, list[str]]:
+    """(primary config name, the user's folder if that config is theirs, extra overrides) for
+    --config-dir/--config-name. --config-dir DIR adds DIR to Hydra's search path: compose with
+    the same search path (Hydra gets the flag itself), so its groups are checked and a sweep's
+    exit code kept. A primary config of the user's is composed from their folder, with ours on
+    the search path."""
+    config_dir = _config_dir(flags)
+    name, primary_dir = _primary_config(flags, config_dir)
+    search = [f"hydra.searchpath=[{_quote('file://' + config_dir)}]"] if config_dir and not primary_dir else []
+    return name, primary_dir, search
+
+
 def _check_info_request(info: list[str], flags: list[str], overrides: list[str], multirun: bool) -> None:
     """--help, --cfg, --info with overrides: Hydra composes them and answers a bad one with a
     traceback (or several lines), and --cfg with -m with a ValueError. Compose them first, as a
@@ -268,9 +280,7 @@ def _check_info_request(info: list[str], flags: list[str], overrides: list[str],
         raise ConfigError(f"{shown[0]}: shows one run's config, not a sweep's; drop -m and give one value per key")
     if not overrides or any(f in ("--shell-completion", "-sc") for f in info):
         return
-    config_dir = _config_dir(flags)
-    name, primary_dir = _primary_config(flags, config_dir)
-    search = [f"hydra.searchpath=[{_quote('file://' + config_dir)}]"] if config_dir and not primary_dir else []
+    name, primary_dir, search = config_source(flags)
     for job in _sweep_jobs(overrides) if multirun else [overrides]:
         compose(name, job + search, primary_dir=primary_dir)
 
@@ -304,12 +314,7 @@ def prepare_train_argv(argv: list[str], dinfo) -> tuple[list[str], Path | None]:
         run, flags, overrides = _resumed_run(resume, flags, overrides)
         own_folder = [f"hydra.run.dir={_quote(str(run.folder))}"]
         extra = own_folder + ["hydra.output_subdir=null"]
-    config_dir = _config_dir(flags)
-    name, primary_dir = _primary_config(flags, config_dir)
-    # --config-dir DIR adds DIR to Hydra's search path: validate with the same search path
-    # (Hydra gets the flag itself), so its groups are checked and a sweep's exit code kept.
-    # A primary config of the user's is composed from their folder, with ours on the search path.
-    search = [f"hydra.searchpath=[{_quote('file://' + config_dir)}]"] if config_dir and not primary_dir else []
+    name, primary_dir, search = config_source(flags)
     cfg = validate(name, overrides + search, multirun, primary_dir)
     if resuming:
         kept = run.kept(cfg)

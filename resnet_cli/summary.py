@@ -24,7 +24,7 @@ if TYPE_CHECKING:  # imported lazily at run time: `--help` and bad overrides sta
     from torch import nn
 
 USAGE = """\
-usage: resnet-summary [KEY=VALUE ...]
+usage: resnet-summary [--config-dir DIR] [--config-name NAME] [KEY=VALUE ...]
 
 Print the layers of the model resnet-train would build from the same overrides, for one
 dummy image of the data's channels and size: output shapes, parameters, multiply-adds.
@@ -34,6 +34,7 @@ examples:
   resnet-summary model=resnet50 data=cifar10
   resnet-summary model=d2l_resnet18 data.resize=224 summary.depth=1
   resnet-summary model=resnet18 summary.input_size=224 summary.format=json
+  resnet-summary --config-dir mine model=tiny     your own presets, as resnet-train reads them
 
 summary keys:
   summary.depth=N          1: stem, stages, head; 2: + blocks; 3 (default): + their layers
@@ -308,8 +309,11 @@ def emit(summary: Mapping[str, Any], fmt: str, console: Console | None = None) -
 
 # ---------------------------------------------------------------- entry point
 
+CONFIG_FLAGS = ("--config-dir", "-cd", "--config-name", "-cn")
+
+
 def main(argv: list[str] | None = None) -> None:
-    from .cli import compose, split_argv, user_errors
+    from .cli import compose, config_source, split_argv, user_errors
     from .config import ConfigError, check_values
 
     argv = sys.argv[1:] if argv is None else argv
@@ -318,10 +322,13 @@ def main(argv: list[str] | None = None) -> None:
         print(USAGE, end="")
         return
     with user_errors():
-        if flags:
-            raise ConfigError(f"{flags[0]}: unknown flag; resnet-summary takes only key=value overrides "
-                              "(see resnet-summary --help)")
-        cfg = compose("train", overrides)
+        # Your own presets, as resnet-train reads them (configuration.md): the same two flags
+        unknown = [f for f in flags if f.startswith("-") and f.split("=")[0] not in CONFIG_FLAGS]
+        if unknown:
+            raise ConfigError(f"{unknown[0]}: unknown flag; resnet-summary takes key=value overrides, --config-dir "
+                              "and --config-name (see resnet-summary --help)")
+        name, primary_dir, search = config_source(flags)
+        cfg = compose(name, overrides + search, primary_dir=primary_dir)
         check_values(cfg)  # same range checks as resnet-train, summary.depth/format included
         model, shape = build_for_summary(cfg)
         summary = summarize(model, shape, int(cfg.summary.depth))

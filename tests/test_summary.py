@@ -247,6 +247,7 @@ def test_bad_input_from_the_command_is_one_line(args, needles):
     (["summary.detph=2"], ["summary.depth"]),
     (["data=imagefolder", "data.resize=null"], ["summary.input_size"]),
     (["--cfg", "job"], ["--cfg"]),
+    (["--config-dir", "/nonexistent-folder"], ["--config-dir /nonexistent-folder: not a folder"]),
 ])
 def test_bad_input_is_one_line(args, needles, capsys, monkeypatch):
     monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
@@ -254,6 +255,20 @@ def test_bad_input_is_one_line(args, needles, capsys, monkeypatch):
         S.main(args)
     out, err = capsys.readouterr()
     assert_one_line_error(exit_.value.code, out, err, *needles)
+
+
+def test_your_own_presets_as_resnet_train_reads_them(tmp_path, capsys):
+    """--config-dir adds your groups; --config-name picks your primary config (built on train)."""
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "tiny.yaml").write_text("defaults:\n  - resnet20\n  - _self_\nlayers: [1, 1, 1]\n")
+    (tmp_path / "mine.yaml").write_text("defaults:\n  - train\n  - _self_\nmodel:\n  widths: [8, 16, 32]\n")
+    S.main(["--config-dir", str(tmp_path), "model=tiny", "summary.format=json"])
+    tiny = json.loads(capsys.readouterr().out)
+    S.main(["--config-dir", str(tmp_path), "--config-name", "mine", "model=tiny", "summary.format=json"])
+    narrow = json.loads(capsys.readouterr().out)
+    S.main(["model=resnet20", "summary.format=json"])
+    full = json.loads(capsys.readouterr().out)
+    assert narrow["total_params"] < tiny["total_params"] < full["total_params"]
 
 
 def test_zero_inner_width_is_one_line(capsys, monkeypatch):

@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import logging
 import math
+import zipfile
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 from torch import nn
 
-from .errors import first_line
 from .models.resnet import ModelConfigError
 
 log = logging.getLogger("resnet_cli")
@@ -41,8 +41,10 @@ def check(model_cfg: Mapping[str, Any], resuming: bool) -> None:
     if scale is not None and not scale > 0:
         raise ModelConfigError(f"model.backbone_lr_scale={scale}: must be > 0 (or null: the same lr)")
     path = model_cfg.get("init_from")
-    if path and not resuming and not Path(path).expanduser().is_file():
-        raise ModelConfigError(f"model.init_from={path}: no such file")
+    if path and not resuming:
+        why = _not_a_weights_file(path)
+        if why:
+            raise ModelConfigError(f"model.init_from={path}: {why}")
 
 
 def check_freeze(names: list[str], num_stages: int) -> None:
@@ -63,14 +65,13 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], str]:
     from .checkpoint import FORMAT
 
     p = Path(path).expanduser()
+    why = _not_a_weights_file(path)
+    if why:
+        raise ModelConfigError(f"model.init_from={path}: {why}")
     try:
         obj = torch.load(p, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise ModelConfigError(f"model.init_from={path}: no such file") from None
-    except Exception as e:  # the unpickler fails in many ways on damaged or foreign files
-        first = first_line(e, 160)
-        raise ModelConfigError(f"model.init_from={path}: cannot be read as weights ({type(e).__name__}: {first})") \
-            from None
+    except Exception as e:  # the unpickler fails in many ways (even IndexError) on damaged or foreign files
+        raise ModelConfigError(f"model.init_from={path}: {_unreadable(e)}") from None
     kind = "state_dict"
     if isinstance(obj, Mapping) and obj.get("format") == FORMAT:
         obj, kind = obj["model"], f"resnet-cli checkpoint, epoch {obj.get('epoch')}"
@@ -83,6 +84,66 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], str]:
     if not _is_state_dict(obj):
         raise ModelConfigError(f"model.init_from={path}: holds a {type(obj).__name__}, not a state_dict")
     return {_strip(k): v for k, v in obj.items()}, kind
+
+
+WHAT_TO_GIVE = "give a resnet-cli checkpoint (RUN/checkpoints/best.pt) or a state_dict file"
+
+
+def _not_a_weights_file(path: str | Path) -> str | None:
+    """Why `path` cannot be a weights file, from what it is rather than what torch.load says;
+    None when it may be one."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        best = next((b for b in (p / "checkpoints" / "best.pt", p / "best.pt") if b.is_file()), None)
+        if best:
+            return f"is a folder, not a file; give the checkpoint in it, {best} (or last.pt beside it)"
+        return f"is a folder, not a file; {WHAT_TO_GIVE}"
+    if not p.exists():
+        return "no such file"
+    if not p.is_file():
+        return f"is not a regular file; {WHAT_TO_GIVE}"
+    if p.stat().st_size == 0:
+        return f"is an empty file; {WHAT_TO_GIVE}"
+    exported = _exported_format(p)
+    if exported:
+        # torch.load would warn (two lines on stderr) and then fail: TorchScript and torch.export
+        # archives hold a compiled program whose weights are not a state_dict.
+        return (f"is {exported} (an exported model, as resnet-export writes): a compiled program, not "
+                "weights to start from; give the checkpoint it was exported from (RUN/checkpoints/best.pt) "
+                "or a state_dict file")
+    return None
+
+
+def _exported_format(p: Path) -> str | None:
+    if p.suffix.lower() == ".onnx":
+        return "an ONNX file"
+    try:
+        with zipfile.ZipFile(p) as z:
+            # The archive's records sit under one top folder; torch.load spots TorchScript by its
+            # constants.pkl, torch.export writes archive_format.
+            records = {n.split("/", 1)[-1] for n in z.namelist()}
+    except (zipfile.BadZipFile, OSError):
+        return None  # a torch.save file before torch 1.6, or no weights at all: torch.load tells
+    if "constants.pkl" in records:
+        return "a TorchScript file"
+    if "archive_format" in records:
+        return "a torch.export (.pt2) file"
+    return None
+
+
+def _unreadable(e: Exception) -> str:
+    """What a torch.load(weights_only=True) failure means for the user, as the checkpoint loader
+    (checkpoint.load_checkpoint) words it for resume= and checkpoint=."""
+    text = str(e).strip()
+    # torch wraps every weights-only failure in the same long text; the line after
+    # "WeightsUnpickler error:" says whether the file is damaged or holds foreign objects.
+    detail = text.split("WeightsUnpickler error:", 1)[1].strip().splitlines()[0] \
+        if "WeightsUnpickler error:" in text else (text.splitlines()[0] if text else "")
+    if "global" in detail.lower():
+        return ("holds pickled objects other than tensors and plain data, such as a whole model saved with "
+                f"torch.save(model) (refused for safety); {WHAT_TO_GIVE} (torch.save(model.state_dict(), FILE))")
+    detail = f"{type(e).__name__}: {detail}" if detail else type(e).__name__
+    return f"not a PyTorch weights file, or damaged ({detail[:120]}); {WHAT_TO_GIVE}"
 
 
 def _is_state_dict(obj: Any) -> bool:

@@ -384,3 +384,101 @@ def test_normalization_constants_are_made_once_per_device_and_dtype():
     assert mean is _channel_tensor((0.5, 0.4, 0.3), x)
     assert mean.shape == (1, 3, 1, 1) and mean.dtype == x.dtype
     assert _channel_tensor([0.5, 0.4, 0.3], x.double()).dtype == torch.float64
+
+
+# ---------------------------------------------------------------- a failed download
+
+def _refuse_connections(monkeypatch):
+    """Every URL torchvision opens fails as it does offline behind a closed port."""
+    import urllib.error
+    import urllib.request
+
+    def refuse(*args, **kwargs):
+        raise urllib.error.URLError(ConnectionRefusedError(111, "Connection refused"))
+
+    monkeypatch.setattr(urllib.request, "urlopen", refuse)
+
+
+def _tree(root) -> dict[str, bytes | None]:
+    return {str(p.relative_to(root)): (p.read_bytes() if p.is_file() else None) for p in sorted(root.rglob("*"))}
+
+
+def test_a_failed_download_keeps_the_reason_and_removes_only_what_it_made(tmp_path, monkeypatch):
+    from resnet_cli.data.sources import open_torchvision
+
+    _refuse_connections(monkeypatch)
+    # A root that does not exist yet: it goes again, parents included, up to what existed.
+    with pytest.raises(DataError) as e:
+        open_torchvision("mnist", tmp_path / "new" / "root", True, tmp_path / "cache")
+    line = str(e.value)
+    assert "(https://ossci-datasets.s3.amazonaws.com/mnist/train-images-idx3-ubyte.gz: Connection refused; " \
+           "the other mirror failed too)" in line and "\n" not in line
+    assert "data.download=true" not in line  # it is on already: the advice is the files
+    assert list(tmp_path.iterdir()) == []
+    # A root with some of the user's things in it: they stay as they were, nothing is added.
+    root = tmp_path / "root"
+    (root / "MNIST" / "raw").mkdir(parents=True)
+    (root / "MNIST" / "notes.txt").write_text("mine")
+    (root / "MNIST" / "raw" / "train-images-idx3-ubyte.gz").write_bytes(b"a damaged copy")
+    before = _tree(root)
+    with pytest.raises(DataError, match="Connection refused"):
+        open_torchvision("mnist", root, True, tmp_path / "cache")
+    assert _tree(root) == before
+    # CIFAR's download raises the URLError itself (one URL, no mirrors).
+    with pytest.raises(DataError, match=re.escape(
+            "download failed (https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz: Connection refused)")):
+        open_torchvision("cifar10", tmp_path / "cifar", True, tmp_path / "cache")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["root"]
+
+
+def test_the_download_cause_is_the_most_telling_mirrors():
+    from torchvision import datasets
+
+    from resnet_cli.data.sources import download_failure
+
+    # torchvision's text for a file that no mirror gave (the MNIST family)
+    text = ("Error downloading train-images-idx3-ubyte.gz:\n"
+            "Tried https://a.example/mnist/, got:\nHTTP Error 403: Forbidden\n"
+            "Tried http://b.example/mnist/, got:\n<urlopen error [Errno -3] Temporary failure in name resolution>\n")
+    assert download_failure(RuntimeError(text), datasets.MNIST) == (
+        "http://b.example/mnist/train-images-idx3-ubyte.gz: Temporary failure in name resolution; "
+        "the other mirror failed too")
+    damaged = text.replace("HTTP Error 403: Forbidden", "File not found or corrupted.")
+    assert download_failure(RuntimeError(damaged), datasets.MNIST) == (
+        "https://a.example/mnist/train-images-idx3-ubyte.gz: the downloaded file failed its MD5 check; "
+        "the other mirror failed too")
+    assert download_failure(RuntimeError("Error downloading x.gz:\nTried https://a.example/, got:\n"
+                                         "<urlopen error timed out>\n"), datasets.MNIST) == \
+        "https://a.example/x.gz: timed out"
+
+
+def test_a_failed_download_through_the_command_is_one_line_and_leaves_nothing(tmp_path):
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on: the proxy refuses at once, internet or not
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proxy = f"http://127.0.0.1:{port}"
+    env = {"http_proxy": proxy, "https_proxy": proxy, "HTTP_PROXY": proxy, "HTTPS_PROXY": proxy,
+           "no_proxy": "", "NO_PROXY": ""}
+    root = tmp_path / "empty"
+    root.mkdir()
+    for data_root in (root, tmp_path / "missing" / "deeper"):
+        proc = run_cli("resnet-train", "data=mnist", f"data.root={data_root}", "epochs=1", cwd=tmp_path, env=env,
+                       timeout=300)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr
+        lines = proc.stderr.splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"error: data.root={data_root}: mnist files not found"), \
+            proc.stderr
+        assert "download failed (https://ossci-datasets.s3.amazonaws.com/mnist/train-images-idx3-ubyte.gz: " \
+               "Connection refused; the other mirror failed too)" in lines[0]
+        assert "data.download=true" not in lines[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"] and list(root.iterdir()) == []
+
+
+def test_missing_files_with_download_off_advise_turning_it_on(tmp_path):
+    from resnet_cli.data import check_available
+
+    with pytest.raises(DataError, match=r"and data.download=false; .* or allow data.download=true on a machine"):
+        check_available("mnist", str(tmp_path), False)
+    assert list(tmp_path.iterdir()) == []

@@ -116,7 +116,7 @@ def test_a_resnet_cli_checkpoint_and_wrapped_state_dicts(tmp_path):
         assert all(torch.equal(model.state_dict()[k], v) for k, v in src.state_dict().items())
     junk = tmp_path / "junk.pth"
     junk.write_bytes(b"not a weights file")
-    with pytest.raises(ModelConfigError, match="cannot be read as weights"):
+    with pytest.raises(ModelConfigError, match="junk.pth: not a PyTorch weights file, or damaged"):
         read_state_dict(junk)
 
 
@@ -196,6 +196,61 @@ def test_bad_keys_are_refused_before_anything_runs(keys, needle, tmp_path):
     proc = run_cli("resnet-train", "data=synthetic", override, cwd=tmp_path)
     assert_one_error_line(proc.returncode, proc.stderr, needle)
     assert not (tmp_path / "outputs").exists()
+
+
+def _torchscript_file(path: Path) -> Path:
+    """What resnet-export writes by default: a traced module saved with torch.jit.save."""
+    import warnings
+
+    with warnings.catch_warnings():  # torch.jit is deprecated upstream
+        warnings.simplefilter("ignore")
+        torch.jit.save(torch.jit.trace(torch.nn.Linear(4, 2), torch.randn(1, 4)), str(path))
+    return path
+
+
+@pytest.mark.parametrize("what,needle", [
+    ("run_folder", "is a folder, not a file; give the checkpoint in it, run/checkpoints/best.pt"),
+    ("folder", "is a folder, not a file; give a resnet-cli checkpoint (RUN/checkpoints/best.pt) or a state_dict file"),
+    ("text", "not a PyTorch weights file, or damaged (UnpicklingError: "),
+    ("torchscript", "is a TorchScript file (an exported model, as resnet-export writes): a compiled program, not "
+                    "weights to start from; give the checkpoint it was exported from (RUN/checkpoints/best.pt) "
+                    "or a state_dict file"),
+    ("whole_model", "holds pickled objects other than tensors and plain data"),
+    ("empty", "is an empty file; give a resnet-cli checkpoint"),
+])
+def test_what_is_not_a_weights_file_is_named_in_one_line(what, needle, tmp_path):
+    target = {"run_folder": "run", "folder": "weights", "text": "notes.txt", "torchscript": "model.pt",
+              "whole_model": "whole.pt", "empty": "empty.pt"}[what]
+    if what == "run_folder":
+        save_checkpoint(tmp_path / "run" / "checkpoints" / "best.pt",
+                        {"model": {}, "config": {"model": {}, "data": {}}, "epoch": 1})
+    elif what == "folder":
+        (tmp_path / target).mkdir()
+    elif what == "text":
+        (tmp_path / target).write_text("lr 0.1 was too high; try 0.05 next\n")
+    elif what == "torchscript":
+        _torchscript_file(tmp_path / target)
+    elif what == "whole_model":
+        torch.save(torch.nn.Linear(4, 2), tmp_path / target)
+    else:
+        (tmp_path / target).touch()
+    before = sorted(p.name for p in tmp_path.iterdir())
+    proc = run_cli("resnet-train", "data=synthetic", "model=resnet20", "data.train_size=64", "data.test_size=32",
+                   "epochs=1", f"model.init_from={target}", cwd=tmp_path)
+    assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 1, proc.stderr  # no torch warning lines
+    assert proc.stderr.startswith(f"error: model.init_from={target}: ") and needle in proc.stderr, proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no run folder left behind
+
+
+def test_exported_files_are_refused_before_anything_runs(tmp_path):
+    path = _torchscript_file(tmp_path / "model.torchscript.pt")
+    with pytest.raises(ModelConfigError, match="is a TorchScript file"):
+        check(cfg(path), resuming=False)
+    program = tmp_path / "model.pt2"
+    torch.export.save(torch.export.export(torch.nn.Linear(4, 2), (torch.randn(1, 4),)), program)
+    with pytest.raises(ModelConfigError, match=r"is a torch.export \(.pt2\) file"):
+        read_state_dict(program)
+    check(cfg(path), resuming=True)  # a resumed run takes its weights from its checkpoint
 
 
 @pytest.mark.slow

@@ -7,8 +7,11 @@ into a writable cache and extracted there, never into the root itself.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import shutil
+import urllib.error
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -100,24 +103,102 @@ def open_torchvision(name: str, root: str | os.PathLike, download: bool,
         use_root = root if _writable((root / info.archives[0]).parent) else _mirror_archives(root, cache, info)
         fetch = True
     elif not download:
-        raise _not_found(name, root, info, "and data.download=false")
+        raise _not_found(name, root, info, "and data.download=false", download)
     else:
         use_root, fetch = (root if _writable(root) else cache), True
+    new_paths = _not_yet_there(use_root, info) if fetch else []
     try:
         train = cls(str(use_root), train=True, download=fetch)
         test = cls(str(use_root), train=False, download=fetch)
-    except (OSError, RuntimeError) as e:  # URLError is an OSError; torchvision raises RuntimeError on MD5
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise _not_found(name, root, info, f"and the download failed ({reason})") from None
+    except BaseException as e:
+        # torchvision makes its folders before it downloads: a failed (or interrupted) attempt
+        # would leave empty folders, even a whole new root, and partial files behind.
+        _remove_new(new_paths)
+        if isinstance(e, (OSError, RuntimeError)):  # URLError is an OSError; MD5 and mirrors: RuntimeError
+            raise _not_found(name, root, info, f"and the download failed ({download_failure(e, cls)})",
+                             download) from None
+        raise
     return train, test
 
 
-def _not_found(name: str, root: Path, info: DatasetInfo, why: str) -> DataError:
+def _not_yet_there(root: Path, info: DatasetInfo) -> list[Path]:
+    """The files and folders (root and its parents included) that a download into `root` may
+    create and that do not exist now."""
+    made = [root / f for f in info.archives] + [root / info.folder / f for f in info.files]
+    return sorted({q for p in made for q in (p, *p.parents) if not q.exists()})
+
+
+def _remove_new(paths: list[Path]) -> None:
+    """Files first, then folders deepest first; a folder something else has put files into
+    since is left alone (rmdir fails on it), so nothing that was not ours goes."""
+    for p in paths:
+        if p.is_file():
+            with contextlib.suppress(OSError):
+                p.unlink()
+    for p in sorted((p for p in paths if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+        with contextlib.suppress(OSError):
+            p.rmdir()
+
+
+# torchvision's MNIST family tries each mirror and raises one RuntimeError that lists them:
+# "Error downloading FILE:\nTried MIRROR, got:\nERROR\nTried ...".
+_TRIED = re.compile(r"^Tried (\S+), got:\n(.*?)(?=\nTried \S+, got:\n|\n*\Z)", re.M | re.S)
+_URLOPEN = re.compile(r"^<urlopen error (.*)>$", re.S)
+
+
+def download_failure(e: BaseException, cls: Any = None) -> str:
+    """Why a torchvision download failed, in one line: the URL and the network's or the server's
+    answer (torchvision keeps those on later lines or inside a URLError)."""
+    text = str(e)
+    tried = _TRIED.findall(text)
+    if tried:
+        filename = re.match(r"Error downloading (\S+?):?\n", text)
+        failures = [(f"{mirror}{filename.group(1) if filename else ''}", _reason_text(err)) for mirror, err in tried]
+        # A mirror that answers with an HTTP status is usually a dead fallback (yann.lecun.com
+        # refuses robots); a file that arrived damaged, or the network failing, says more.
+        rank = {"other": 0, "network": 1, "http": 2}
+        url, (_, reason) = min(failures, key=lambda f: rank[f[1][0]])
+        others = {0: "", 1: "; the other mirror failed too"}.get(len(failures) - 1,
+                                                                  f"; {len(failures) - 1} other mirrors failed too")
+        return f"{url}: {reason}{others}"
+    if isinstance(e, urllib.error.URLError):
+        url = getattr(cls, "url", None) if cls is not None else None
+        return (f"{url}: " if url else "") + _url_error(e)
+    if isinstance(e, OSError) and e.strerror:
+        return f"{e.strerror}: {e.filename}" if e.filename else e.strerror
+    return _reason_text(text)[1] if text.strip() else type(e).__name__
+
+
+def _url_error(e: urllib.error.URLError) -> str:
+    if isinstance(e, urllib.error.HTTPError):
+        return f"HTTP Error {e.code}: {e.reason}"
+    reason = e.reason
+    if isinstance(reason, OSError) and reason.strerror:
+        return reason.strerror
+    return str(reason) or type(reason).__name__
+
+
+def _reason_text(err: str) -> tuple[str, str]:
+    """(kind, reason) from the text of one failed download; kind is network, http or other."""
+    err = err.strip()
+    m = _URLOPEN.match(err)
+    if m:  # "<urlopen error [Errno -2] Name or service not known>"
+        return "network", re.sub(r"^\[Errno -?\d+\] ", "", m.group(1).strip()) or "network error"
+    if err.startswith("HTTP Error"):
+        return "http", err.splitlines()[0][:120]
+    if err == "File not found or corrupted.":  # download_url's MD5 check, after the file arrived
+        return "other", "the downloaded file failed its MD5 check"
+    return "other", (err.splitlines() or ["unknown error"])[0][:160]
+
+
+def _not_found(name: str, root: Path, info: DatasetInfo, why: str, download: bool) -> DataError:
     files = ", ".join(info.archives)
-    return DataError(
-        f"data.root={root}: {name} files not found (expected {files} under it) {why}; "
-        f"put the official files there, set data.root= (or RESNET_CLI_DATA) to a folder that has them, "
-        f"or allow data.download=true on a machine with internet")
+    # With data.download=true already on, the download is what failed: only the files help.
+    advice = ("put the official files there, set data.root= (or RESNET_CLI_DATA) to a folder that has them, "
+              "or allow data.download=true on a machine with internet") if not download else \
+        ("copy the official files there (downloaded where there is internet), or set data.root= "
+         "(or RESNET_CLI_DATA) to a folder that has them")
+    return DataError(f"data.root={root}: {name} files not found (expected {files} under it) {why}; {advice}")
 
 
 def check_available(name: str, root: str, download: bool) -> None:
@@ -126,7 +207,7 @@ def check_available(name: str, root: str, download: bool) -> None:
         info = DATASETS[name]
         path = Path(root).expanduser().resolve()
         if not (_extracted(path, info) or _archived(path, info)):
-            raise _not_found(name, path, info, "and data.download=false")
+            raise _not_found(name, path, info, "and data.download=false", download)
     if name == "imagefolder":
         path = Path(root).expanduser().resolve()
         for split in ("train", "val"):

@@ -211,6 +211,23 @@ def validate(config_name: str, overrides: list[str], multirun: bool, primary_dir
     return cfg
 
 
+def _check_launcher(hcfg: DictConfig) -> None:
+    """What makes a launcher fail when the sweep starts, in one line before anything is written
+    (the launchers raise inside Hydra: a traceback, and a sweep folder left half made)."""
+    import shutil
+
+    choice = OmegaConf.select(hcfg, "runtime.choices", default={}).get("hydra/launcher")
+    target = str(OmegaConf.select(hcfg, "launcher._target_", default="") or "")
+    if target.endswith("SlurmLauncher") and shutil.which("srun") is None:
+        raise ConfigError(f"hydra/launcher={choice}: no Slurm on this machine (srun is not on PATH); start the "
+                          "sweep on the cluster's login node, or leave hydra/launcher out to run the jobs here")
+    if target.endswith("JoblibLauncher"):
+        n_jobs = OmegaConf.select(hcfg, "launcher.n_jobs", default=-1)
+        if not isinstance(n_jobs, int) or n_jobs == 0:
+            raise ConfigError(f"hydra.launcher.n_jobs={n_jobs}: give the number of jobs at once "
+                              "(-1: one per CPU core, -2: all but one)")
+
+
 def check_output_folder(overrides: list[str], multirun: bool, config_name: str = "train",
                         primary_dir: str | None = None, new_run: bool = True) -> str:
     """The run folder (the sweep folder with -m) that Hydra will create, refused in one line
@@ -223,6 +240,8 @@ def check_output_folder(overrides: list[str], multirun: bool, config_name: str =
     # which hydra.* keys exist, so composing the hydra.* overrides alone rejects valid ones
     job = _sweep_jobs(overrides)[0] if multirun else overrides
     hcfg = compose(config_name, job, with_hydra=True, primary_dir=primary_dir).hydra
+    if multirun:
+        _check_launcher(hcfg)
     key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
     folder = hcfg.sweep.dir if multirun else hcfg.run.dir
     why = writable_folder_error(folder)

@@ -540,6 +540,25 @@ def test_bad_command_lines_fail_in_one_line(tmp_path, monkeypatch, capfd, args, 
     _assert_refused(code, out, err, needle, tmp_path)
 
 
+@pytest.mark.parametrize("launcher,args,needle", [
+    ("hydra_plugins.hydra_submitit_launcher", ["hydra/launcher=slurm_gpu"],
+     "hydra/launcher=slurm_gpu: no Slurm on this machine (srun is not on PATH)"),
+    ("hydra_plugins.hydra_joblib_launcher", ["hydra/launcher=joblib", "hydra.launcher.n_jobs=0"],
+     "hydra.launcher.n_jobs=0: give the number of jobs at once"),
+])
+def test_a_launcher_that_cannot_start_is_refused_before_the_sweep(tmp_path, monkeypatch, capfd, launcher, args,
+                                                                 needle):
+    """The launchers raise inside Hydra: a traceback, and a sweep folder left half made."""
+    pytest.importorskip(launcher)
+    from resnet_cli.train import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PATH", str(tmp_path))  # no srun here, wherever the suite runs
+    code, out, err = call_main(main, "resnet-train", ["-m", "data=synthetic", *args, "lr=0.1,0.2"], monkeypatch,
+                               capfd)
+    _assert_refused(code, out, err, needle, tmp_path)
+
+
 @pytest.mark.parametrize("args,needle", [BAD_COMMAND_LINES[6], BAD_COMMAND_LINES[-1]], ids=["lrr", "multirun"])
 def test_bad_command_lines_fail_in_one_line_from_the_installed_script(tmp_path, args, needle):
     proc = run_cli("resnet-train", "data=synthetic", *args, cwd=tmp_path, timeout=120)

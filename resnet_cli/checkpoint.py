@@ -182,6 +182,9 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
 def resolve_resume(target: str | os.PathLike) -> tuple[Path, Path]:
     """(run dir, checkpoint file) for `resume=` given a run dir or a checkpoint file."""
     p = Path(target).expanduser().resolve()
+    if p.is_dir() and p.name == "checkpoints" and (p / "last.pt").is_file():
+        # RUN/checkpoints: the folder that holds last.pt, given for the run folder
+        return p.parent, p / "last.pt"
     if p.is_dir():
         ckpt = p / "checkpoints" / "last.pt"
         if not ckpt.is_file():

@@ -17,7 +17,8 @@ from typing import Any, Callable
 from omegaconf import DictConfig, OmegaConf
 
 # Re-exported: the commands took these from here before resnet_cli/errors.py existed.
-from .errors import EXIT_FAILURE, EXIT_USAGE, ConfigError, fail, known_error_types, quiet_broken_pipe, user_errors
+from .errors import (EXIT_FAILURE, EXIT_USAGE, ConfigError, error_line, fail, known_error_types, quiet_broken_pipe,
+                     user_errors)
 
 __all__ = ["EXIT_USAGE", "check_output_folder", "compose", "fail", "hydra_error_line", "known_error_types",
            "prepare_train_argv", "run_hydra_app", "split_argv", "user_errors", "validate"]
@@ -63,9 +64,12 @@ def hydra_error_line(e: BaseException, overrides: list[str]) -> str:
     first = msg[0] if msg else type(cause).__name__
     if key:
         given = next((o.split("=", 1)[1] for o in reversed(overrides) if o.lstrip("+~").split("=", 1)[0] == key), None)
-        if "not in struct" in first or "Could not override" in str(e):
+        typed = any(o.lstrip("+~").split("=", 1)[0] == key for o in overrides)
+        if "not in struct" in first or "Could not override" in str(e) or (first.startswith("Key '") and " not in '" in first):
             hint = _close_key(key, overrides)
-            return f"{key}: unknown key{hint}"
+            # not on the command line: a config file of the user's (--config-dir) has it
+            where = "" if typed else " (in a config file, not on the command line)"
+            return f"{key}: unknown key{where}{hint}"
         return f"{key}={given}: {first}" if given is not None else f"{key}: {first}"
     text = str(e).strip().splitlines()
     return text[0] if text else type(e).__name__
@@ -256,6 +260,9 @@ def check_output_folder(overrides: list[str], multirun: bool, config_name: str =
         if held:
             raise ConfigError(f"{key}={folder}: holds a run already ({held[0]}); continue it with "
                               f"resume={folder}, or choose another folder")
+        if (Path(folder) / "multirun.yaml").exists():  # its files would sit beside the sweep's summary
+            raise ConfigError(f"{key}={folder}: is a sweep's folder (multirun.yaml); choose another folder "
+                              f"(a job of the sweep goes on with resume={Path(folder) / '0'}, say)")
     numbered = OmegaConf.to_container(hcfg.sweep, resolve=False).get("subdir") == "${hydra.job.num}"
     if multirun and numbered:  # jobs numbered from 0 again would land in the earlier sweep's folders
         # Also a job that failed before writing anything else (its error.txt, its .hydra record):
@@ -521,6 +528,17 @@ def _config_dir(flags: list[str]) -> str | None:
     return str(Path(value).expanduser().resolve())
 
 
+def _to_log_file(message: str) -> None:
+    """A failed run's reason in its train.log too (stderr alone is gone once the terminal is),
+    as a sweep job's is: to the file only, since the console gets the one error line anyway."""
+    import logging
+
+    record = logging.LogRecord("resnet_cli", logging.ERROR, __file__, 0, message, None, None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
+
+
 def run_hydra_app(config_name: str, task: Callable[[DictConfig, Any], Any]) -> None:
     """The console entry point: validate, then hand over to @hydra.main (launchers,
     sweeps and callbacks all work as Hydra documents them)."""
@@ -547,7 +565,11 @@ def run_hydra_app(config_name: str, task: Callable[[DictConfig, Any], Any]) -> N
 
             return sweep_job(task, cfg, dinfo)
         with user_errors():
-            return task(cfg, dinfo)
+            try:
+                return task(cfg, dinfo)
+            except Exception as e:
+                _to_log_file(f"error: {error_line(e)}")
+                raise
 
     try:
         hydra.main(version_base="1.3", config_path=str(config_dir()), config_name=config_name)(_job)()

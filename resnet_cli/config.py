@@ -156,8 +156,8 @@ def check_values(cfg: Mapping[str, Any]) -> None:
     _check(cfg["batch_size"] >= 1, "batch_size", cfg["batch_size"], "must be >= 1")
     d, t = cfg["data"], cfg["trainer"]
     _check(d["name"] in DATASETS, "data.name", d["name"], f"choose from {', '.join(DATASETS)}")
-    for key in ("limit_train", "limit_test", "resize"):
-        _check(d[key] is None or d[key] >= 1, f"data.{key}", d[key], "must be >= 1 (or null for all)")
+    for key, null in (("limit_train", "all"), ("limit_test", "all"), ("resize", "the native size")):
+        _check(d[key] is None or d[key] >= 1, f"data.{key}", d[key], f"must be >= 1 (or null for {null})")
     _check(d["num_workers"] is None or d["num_workers"] >= 0, "data.num_workers", d["num_workers"], "must be >= 0")
     _check(d["augment"] in AUGMENTS, "data.augment", d["augment"], f"choose from {', '.join(AUGMENTS)}")
     _check(d["pipeline"] in PIPELINES, "data.pipeline", d["pipeline"], f"choose from {', '.join(PIPELINES)}")

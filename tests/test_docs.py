@@ -229,3 +229,11 @@ def test_relative_links_resolve(page: Path):
         if not dest.exists() or (anchor and dest.suffix == ".md" and anchor not in _anchors(dest)):
             broken.append(target)
     assert not broken, f"{page.name}: links to missing files or headings: {broken}"
+
+
+def test_resilience_lists_every_key_a_resume_may_change():
+    from resnet_cli.resume import RESUMABLE
+
+    text = " ".join((REPO / "docs" / "resilience.md").read_text().split())
+    listed = [k for k in RESUMABLE if k != "resume" and f"`{k}`" not in text and f"`{k}.*`" not in text]
+    assert not listed, f"docs/resilience.md does not list {listed}"

@@ -419,6 +419,9 @@ def test_non_finite_loss_stops_with_a_useful_message(tmp_path):
     assert proc.stderr.count("\n") == 1
     assert "lower lr" in proc.stderr and "Traceback" not in proc.stderr
     run = only_run(tmp_path)
+    # the reason is in the run's log too, not only on a terminal that may be gone; once on stdout+stderr
+    assert (run / "train.log").read_text().splitlines()[-1].endswith(proc.stderr.strip())
+    assert " became nan " not in proc.stdout
     state = load_checkpoint(run / "checkpoints" / "last.pt")  # the last good step, intact
     assert state["step"] >= 1 and all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
 
@@ -494,6 +497,7 @@ BAD_COMMAND_LINES = [
     (["--config-name"], "--config-name: give a value"),
     (["data.num_classes=1"], "data.num_classes=1: must be >= 2"),
     (["data.channels=0"], "data.channels=0: must be >= 1"),
+    (["data.resize=0"], "data.resize=0: must be >= 1 (or null for the native size)"),
     (["data.train_size=0"], "data.train_size=0: must be >= 1"),
     (["data.test_size=0"], "data.test_size=0: must be >= 1"),
     (["epochs=3", "epochs=abc"], "epochs=abc: Value 'abc' of type 'str' could not be converted to Integer"),
@@ -614,3 +618,23 @@ def test_resume_from_another_folder_finds_the_data_the_run_trained_on(tmp_path):
     proc = run_cli("resnet-train", f"resume={run}", "epochs=3", "data.root=images", cwd=elsewhere)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "images" in proc.stderr, proc.stderr
     assert [r["epoch"] for r in untimed(run)] == [1, 2]
+
+
+def test_resume_takes_the_checkpoints_folder_for_its_run(tmp_path):
+    from resnet_cli.checkpoint import resolve_resume
+
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "run" / "checkpoints" / "last.pt").write_bytes(b"x")
+    run = tmp_path / "run"
+    assert resolve_resume(run / "checkpoints") == resolve_resume(run) == (run, run / "checkpoints" / "last.pt")
+
+
+def test_a_single_run_is_refused_in_a_sweeps_folder(tmp_path):
+    """Its checkpoints and results.json would sit beside the sweep's summary.csv."""
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    (sweep / "multirun.yaml").write_text("hydra: {}\n")
+    proc = run_cli("resnet-train", *TINY, f"hydra.run.dir={sweep}", cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert f"hydra.run.dir={sweep}: is a sweep's folder (multirun.yaml)" in proc.stderr
+    assert sorted(p.name for p in sweep.iterdir()) == ["multirun.yaml"]

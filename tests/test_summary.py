@@ -306,3 +306,14 @@ def test_summary_into_a_closed_pipe_is_quiet():
                           text=True, timeout=120)
     os.close(write)
     assert "Traceback" not in proc.stderr and proc.stderr == "", proc.stderr
+
+
+def test_a_typo_in_your_own_preset_is_named_with_its_likely_key(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "bad.yaml").write_text("defaults:\n  - resnet20\n  - _self_\nblok: basic\n")
+    with pytest.raises(SystemExit) as exit_:
+        S.main(["--config-dir", str(tmp_path), "model=bad"])
+    out, err = capsys.readouterr()
+    assert_one_line_error(exit_.value.code, out, err, "model.blok: unknown key (in a config file, not on the command "
+                          "line); did you mean model.block?")

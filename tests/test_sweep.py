@@ -119,7 +119,7 @@ def test_summary_rows_files_and_table(fake_sweep: Path, capsys, monkeypatch):
     assert rows[4]["parameters"] == "1234"
 
     assert doc == json.loads((fake_sweep / "summary.json").read_text())
-    assert (doc["n_jobs"], doc["n_ok"], doc["n_failed"], doc["best_job"]) == (5, 3, 2, 1)
+    assert (doc["n_jobs"], doc["n_ok"], doc["n_failed"], doc["n_not_run"], doc["best_job"]) == (5, 3, 2, 0, 1)
     assert doc["swept_keys"] == ["model", "lr"] and doc["fixed_overrides"] == ["data=synthetic", "epochs=3"]
     assert doc["jobs"][1]["lr"] == 0.5  # numbers stay numbers in the json
     assert rows[1]["time_to_0.93"] == "" and rows[1]["best_val_acc"] == ""  # runs that did not record them
@@ -143,6 +143,155 @@ def test_summary_rows_files_and_table(fake_sweep: Path, capsys, monkeypatch):
         "2 of 5 sweep jobs failed; see multirun/2026-01-01/12-00-00/summary.csv")
 
 
+def test_dir_column_is_relative_to_the_sweep_folder(fake_sweep: Path, tmp_path: Path, monkeypatch):
+    """Written by the callback (an absolute sweep folder) or rebuilt from anywhere with a
+    relative one, `dir` is the same: the job folder within the sweep folder, which stays right
+    when the folder is moved."""
+    from resnet_cli import sweep
+
+    sweep.summarize(fake_sweep, print_table=False)  # as the callback does
+    first = _csv(fake_sweep / "summary.csv")
+    monkeypatch.chdir(fake_sweep.parents[1])
+    sweep.summarize(Path(fake_sweep.name), print_table=False)  # python -m resnet_cli.sweep 12-00-00
+    assert _csv(fake_sweep / "summary.csv") == first
+    assert [r["dir"] for r in first] == ["0", "1", "2", "3", "4"]
+    assert json.loads((fake_sweep / "summary.json").read_text())["sweep_dir"] == str(fake_sweep.resolve())
+
+
+BASIC = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
+TASK = ["data=synthetic", "model=resnet20,plain20", "lr=0.05,0.5", "model.freeze=[stem]", "trainer.channels_last=false"]
+
+
+def _record(sweep: Path, task: list[str], *, sweeper: str = BASIC, params: dict | None = None,
+            hydra: tuple[str, ...] = (), config_dir: Path | None = None) -> None:
+    """The multirun.yaml Hydra writes into the sweep folder before the first job (the parts read)."""
+    sources = [{"path": "hydra.conf", "schema": "pkg", "provider": "hydra"}]
+    if config_dir is not None:
+        sources.append({"path": str(config_dir), "schema": "file", "provider": "command-line"})
+    record = {"hydra": {"sweep": {"dir": str(sweep), "subdir": "${hydra.job.num}"},
+                        "sweeper": {"_target_": sweeper, "max_batch_size": None, "params": params},
+                        "overrides": {"hydra": [f"hydra.sweep.dir={sweep}", "hydra.mode=MULTIRUN", *hydra],
+                                      "task": task},
+                        "job": {"name": "train", "config_name": "train", "num": "???"},
+                        "runtime": {"cwd": str(sweep.parents[2]), "config_sources": sources}}}
+    sweep.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(OmegaConf.create(record), sweep / "multirun.yaml")
+
+
+@pytest.mark.parametrize("sweep_running", [False, True])
+def test_jobs_that_never_started_are_listed_as_not_run(tmp_path: Path, sweep_running: bool, monkeypatch, capsys):
+    """A sweep stopped after 2 of its 4 jobs: the jobs it never started are rows (`not run`),
+    counted in the title and summary.json, and the summary prints the command that runs each
+    into its slot with the overrides Hydra would have given it (and the sweep's --config-dir
+    and per-job hydra.* settings). Once the sweep has ended the command exits 1; while it runs
+    they are simply still to come."""
+    import os
+    import shlex
+    import socket
+
+    from resnet_cli.sweep import main
+
+    s = tmp_path / "multirun" / "2026-01-01" / "12-00-00"
+    _record(s, TASK, hydra=("hydra.job.chdir=True", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2"),
+            config_dir=tmp_path / "conf")
+    jobs = _expand({}, TASK)  # what the sweeper made of them, in job order
+    assert [j[1:3] for j in jobs] == [["model=resnet20", "lr=0.05"], ["model=resnet20", "lr=0.5"],
+                                      ["model=plain20", "lr=0.05"], ["model=plain20", "lr=0.5"]]
+    for num in (0, 1):
+        _job(s, num, jobs[num], model="resnet20", lr=float(jobs[num][2][3:]), accs=[0.4, 0.5 + num / 10])
+    if sweep_running:
+        (s / LIVE_FILE).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        main(["multirun/2026-01-01/12-00-00"])
+    out = capsys.readouterr().out
+
+    rows = _csv(s / "summary.csv")
+    assert [(r["job"], r["status"], r["model"], r["lr"], r["dir"]) for r in rows] == [
+        ("0", "ok", "resnet20", "0.05", "0"), ("1", "ok", "resnet20", "0.5", "1"),
+        ("2", "not run", "plain20", "0.05", "2"), ("3", "not run", "plain20", "0.5", "3")]
+    assert rows[2]["overrides"] == "model=plain20 lr=0.05" and rows[2]["best_test_acc"] == ""
+    doc = json.loads((s / "summary.json").read_text())
+    assert (doc["n_jobs"], doc["n_ok"], doc["n_failed"], doc["n_not_run"]) == (4, 2, 0, 2)
+    assert doc["fixed_overrides"] == ["data=synthetic", "model.freeze=[stem]", "trainer.channels_last=False"]
+    assert "4 jobs, 2 ok, 0 failed, 2 not run" in out
+    body = [ln.split() for ln in out.splitlines() if ln[:1] in ("*", " ") and ln.split()[0].isdigit()]
+    assert [ln[:2] for ln in body[-2:]] == [["2", "plain20"], ["3", "plain20"]]  # after the jobs that ran
+    if sweep_running:
+        assert exit_.value.code == 0 and "never started" not in out and "rebuild" not in out
+        return
+    assert exit_.value.code == 1
+    lines = out.splitlines()
+    start = lines.index("2 job(s) of this sweep never started; run each into its slot:")
+    commands = [shlex.split(ln) for ln in lines[start + 1:start + 3]]
+    for num, command in zip((2, 3), commands):
+        assert command == ["resnet-train", "--config-dir", str(tmp_path / "conf"), *jobs[num], "hydra.job.chdir=True",
+                           f"hydra.run.dir=multirun/2026-01-01/12-00-00/{num}"]
+    assert "model.freeze=[stem]" in commands[0] and "trainer.channels_last=False" in commands[0]
+    assert lines[start + 3] == "then rebuild this summary: python -m resnet_cli.sweep multirun/2026-01-01/12-00-00"
+
+
+@pytest.mark.parametrize("case", ["optuna", "folders disagree", "glob", "no record"])
+def test_jobs_not_run_are_not_guessed(tmp_path: Path, case: str, capsys):
+    """Where the sweep's jobs cannot be known for sure (Optuna draws each trial as it goes; a
+    job folder is not the planned job of its number; a glob() sweep, which needs the configs
+    to expand; no multirun.yaml), only the jobs that have folders are listed."""
+    from resnet_cli import sweep
+
+    s = tmp_path / "sweep"
+    task = ["model=glob(resnet*)", "lr=0.1"] if case == "glob" else ["lr=0.1,0.2,0.3"]
+    if case != "no record":
+        _record(s, task, sweeper="hydra_plugins.hydra_optuna_sweeper.optuna_sweeper.OptunaSweeper"
+                if case == "optuna" else BASIC)
+    _job(s, 0, ["lr=0.1"], model="resnet20", lr=0.1, accs=[0.5])
+    _job(s, 1, ["lr=0.25" if case == "folders disagree" else "lr=0.2"], model="resnet20", lr=0.2, accs=[0.6])
+    doc = sweep.summarize(s)
+    out = capsys.readouterr().out
+    assert [j["status"] for j in doc["jobs"]] == ["ok", "ok"] and doc["n_not_run"] == 0
+    assert "not run" not in out and "never started" not in out
+
+
+def test_an_unreadable_plan_is_no_plan(tmp_path: Path):
+    from resnet_cli.sweep import read_plan
+
+    s = tmp_path / "sweep"
+    s.mkdir()
+    (s / "multirun.yaml").write_text("hydra: [unclosed\n")
+    assert read_plan(s) is None
+    _record(s, ["lr=0.1,0.2"], params={"model": "resnet20,${oc.env:MODELS}"})  # resolved by Hydra, not recorded
+    assert read_plan(s) is None
+    _record(s, ["lr=0.1,0.2", "seed=0"], params={"model": "resnet20,plain20"})  # a preset's lists come first
+    assert read_plan(s).jobs == [["model=resnet20", "lr=0.1", "seed=0"], ["model=resnet20", "lr=0.2", "seed=0"],
+                                 ["model=plain20", "lr=0.1", "seed=0"], ["model=plain20", "lr=0.2", "seed=0"]]
+
+
+def test_summary_command_help_and_bad_input(tmp_path: Path, fake_sweep: Path, monkeypatch, capsys):
+    """--help explains the command and exits 0; bad input is one line naming what is wrong and
+    what is allowed, exit 2, and nothing is written."""
+    from conftest import assert_one_error_line, call_main
+
+    from resnet_cli.sweep import main
+
+    code, out, err = call_main(main, "python -m resnet_cli.sweep", ["--help"], monkeypatch, capsys)
+    assert code == 0 and err == ""
+    assert out.startswith("usage: python -m resnet_cli.sweep SWEEP_DIR [--training-error]")
+    assert "summary.csv" in out and "SWEEP_DIR " in out and "--training-error " in out and "Exit status" in out
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "file.txt").write_text("x")
+    before = sorted(tmp_path.rglob("*"))
+    for argv, needles in (([], ["no sweep folder given", "SWEEP_DIR"]),
+                          (["nonexist"], ["nonexist: no such folder"]),
+                          (["file.txt"], ["file.txt: not a folder"]),
+                          (["empty"], ["empty: not a sweep folder", "multirun.yaml"]),
+                          ([str(fake_sweep), "--bogus"], ["--bogus: unknown option", "--training-error"]),
+                          ([str(fake_sweep), "empty"], ["one sweep folder at a time"])):
+        code, out, err = call_main(main, "python -m resnet_cli.sweep", argv, monkeypatch, capsys)
+        assert_one_error_line(code, err, *needles)
+        assert out == ""
+    assert sorted(tmp_path.rglob("*")) == before
+
+
 def test_summary_while_running_and_without_lr_sweep(tmp_path: Path):
     from resnet_cli import sweep
 
@@ -157,12 +306,13 @@ def test_summary_while_running_and_without_lr_sweep(tmp_path: Path):
     assert json.loads((s / "summary.json").read_text())["jobs"][1]["status"] == "failed"
 
 
-@pytest.mark.parametrize("alive", [True, False])
-def test_summary_rebuilt_beside_a_running_sweep(fake_sweep: Path, alive: bool, monkeypatch, capsys):
+@pytest.mark.parametrize("process", ["alive", "ended", "pid reused"])
+def test_summary_rebuilt_beside_a_running_sweep(fake_sweep: Path, process: str, monkeypatch, capsys):
     """`python -m resnet_cli.sweep DIR` while the sweep's process still runs: a job with no
     results.json and no error.txt is running, not failed, and only real failures set the exit
     code. Once that process is gone (killed outright: its marker is left), the job was
-    interrupted: failed."""
+    interrupted: failed, and the stale marker is removed. A pid now held by another process
+    (same pid, another start time) is a process that has gone."""
     import os
     import socket
     import subprocess
@@ -171,13 +321,19 @@ def test_summary_rebuilt_beside_a_running_sweep(fake_sweep: Path, alive: bool, m
     from resnet_cli.sweep import main
     from resnet_cli.sweep.folder import LIVE_FILE
 
-    if alive:
-        pid = os.getpid()
-    else:
+    alive = process == "alive"
+    mark = {"pid": os.getpid(), "host": socket.gethostname()}
+    if process == "ended":
         gone = subprocess.Popen([sys.executable, "-c", "pass"])
         gone.wait()
-        pid = gone.pid
-    (fake_sweep / LIVE_FILE).write_text(json.dumps({"pid": pid, "host": socket.gethostname()}))
+        mark["pid"] = gone.pid
+    elif process == "pid reused":
+        if not Path("/proc/self/stat").is_file():
+            pytest.skip("no /proc: process start times are not known here")
+        started = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19]  # field 22
+        mark["started"] = str(int(started) - 1)
+    pid = mark["pid"]
+    (fake_sweep / LIVE_FILE).write_text(json.dumps(mark))
     monkeypatch.chdir(fake_sweep.parents[2])
     with pytest.raises(SystemExit) as exit_:
         main([str(fake_sweep)])
@@ -192,6 +348,7 @@ def test_summary_rebuilt_beside_a_running_sweep(fake_sweep: Path, alive: bool, m
     else:
         assert statuses == ["ok", "ok", "ok", "failed", "failed"]
         assert "5 jobs, 3 ok, 2 failed" in out and "still running" not in out
+    assert (fake_sweep / LIVE_FILE).exists() == alive
 
 
 def test_the_callback_marks_a_sweep_running_from_start_to_end(tmp_path: Path):
@@ -205,6 +362,8 @@ def test_the_callback_marks_a_sweep_running_from_start_to_end(tmp_path: Path):
     callback = SweepSummary(print_table=False)
     callback.on_multirun_start(config)
     assert running_sweep(tmp_path / "sweep") == f"pid {os.getpid()} on {socket.gethostname()}"
+    if Path("/proc/self/stat").is_file():  # the start time makes the pid name this one process
+        assert json.loads((tmp_path / "sweep" / LIVE_FILE).read_text())["started"].isdigit()
     callback.on_multirun_end(config)
     assert running_sweep(tmp_path / "sweep") is None and not (tmp_path / "sweep" / LIVE_FILE).exists()
 
@@ -451,10 +610,14 @@ def test_multirun_with_a_failing_job(tmp_path: Path):
     assert [(r["job"], r["model"], r["lr"]) for r in rows] == [
         ("0", "resnet20", "0.1"), ("1", "resnet20", "1e+30"), ("2", "tiny", "0.1"), ("3", "tiny", "1e+30")]
     assert [r["status"] for r in rows] == ["ok", "failed", "ok", "failed"]
+    # relative to the sweep folder (still right once it is moved), and the same in a rebuilt summary
+    assert [r["dir"] for r in rows] == ["0", "1", "2", "3"]
+    rebuilt = run_cli("python", "-m", "resnet_cli.sweep", str(sweep_dir.relative_to(tmp_path)), cwd=tmp_path)
+    assert rebuilt.returncode == 1 and _csv(sweep_dir / "summary.csv") == rows, rebuilt.stdout + rebuilt.stderr
     for r in rows:
         if r["status"] == "failed":
             assert r["error"].startswith("loss became") and r["best_test_acc"] == ""
-            assert (Path(r["dir"]) / "error.txt").is_file()
+            assert (sweep_dir / r["dir"] / "error.txt").is_file()
         else:
             assert float(r["best_test_acc"]) >= 0 and r["epochs_done"] == "1" and int(r["parameters"]) > 0
     doc = json.loads((sweep_dir / "summary.json").read_text())
@@ -467,11 +630,11 @@ def test_multirun_with_a_failing_job(tmp_path: Path):
     assert not (sweep_dir / LIVE_FILE).exists()  # the sweep has ended: nothing says it runs
     # One process ran the jobs in turn: the first job's clock counts the process's start-up
     # (the imports), a later job's only its own time, not the jobs before it.
-    first, third = (json.loads((Path(rows[i]["dir"]) / "results.json").read_text()) for i in (0, 2))
+    first, third = (json.loads((sweep_dir / rows[i]["dir"] / "results.json").read_text()) for i in (0, 2))
     assert first["time_s"]["startup"] > third["time_s"]["startup"] + 0.5
     for results, i in ((first, 0), (third, 2)):
         assert results["wall_time_s"] == pytest.approx(results["time_s"]["total"], abs=0.5)
-        (row,) = [json.loads(x) for x in (Path(rows[i]["dir"]) / "metrics.jsonl").read_text().splitlines()]
+        (row,) = [json.loads(x) for x in (sweep_dir / rows[i]["dir"] / "metrics.jsonl").read_text().splitlines()]
         assert row["elapsed_s"] <= results["wall_time_s"]  # one clock: time_to_acc, the summary, results
     # A new sweep into this folder is refused, also where only failed jobs are left (they would
     # be summarized as the new sweep's): nothing there changes.
@@ -483,6 +646,50 @@ def test_multirun_with_a_failing_job(tmp_path: Path):
         f"error: hydra.sweep.dir={sweep_dir}: holds a sweep's jobs already (1/.hydra/overrides.yaml); "
         "choose another folder"), proc.stderr
     assert sorted(p for p in sweep_dir.rglob("*")) == before
+
+
+@pytest.mark.slow
+def test_a_sweep_stopped_by_sigterm_can_be_finished(tmp_path: Path):
+    """The user's way through a stopped sweep: SIGTERM during job 0 of 2 stops the sweep (job 1
+    never starts). The summary command removes the stale marker, lists job 1 as `not run` and
+    prints the commands that finish the sweep; run as printed, they make it whole: both jobs
+    ok, in their own slots, exit 0."""
+    import os
+    import shlex
+    import signal
+    import subprocess
+    import time
+
+    from conftest import command
+
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    long_job = [*(o for o in SMALL if not o.startswith("epochs=")), "epochs=30"]  # long enough to be stopped
+    sweep = subprocess.Popen([command("resnet-train"), "-m", *long_job, "lr=0.05,0.1", "hydra.sweep.dir=sw"],
+                             cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics, deadline = tmp_path / "sw" / "0" / "metrics.jsonl", time.monotonic() + 120
+    while not (metrics.is_file() and metrics.stat().st_size) and sweep.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    sweep.send_signal(signal.SIGTERM)
+    sweep.wait(timeout=120)
+    assert not (tmp_path / "sw" / "1").exists() and (tmp_path / "sw" / LIVE_FILE).exists()
+
+    proc = run_cli("python", "-m", "resnet_cli.sweep", "sw", cwd=tmp_path)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "2 jobs, 0 ok, 1 failed, 1 not run" in proc.stdout
+    assert not (tmp_path / "sw" / LIVE_FILE).exists()  # its process is gone: the marker with it
+    assert [(r["job"], r["status"], r["lr"]) for r in _csv(tmp_path / "sw" / "summary.csv")] == [
+        ("0", "failed", "0.05"), ("1", "not run", "0.1")]
+    steps = [shlex.split(ln) for ln in proc.stdout.splitlines() if ln.startswith("  resnet-train ")]
+    assert steps[0] == ["resnet-train", "resume=sw/0"] and steps[1][-2:] == ["lr=0.1", "hydra.run.dir=sw/1"]
+    for step in steps:
+        run_cli(*step, cwd=tmp_path, check=True)
+
+    proc = run_cli("python", "-m", "resnet_cli.sweep", "sw", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "2 jobs, 2 ok, 0 failed" in proc.stdout and "resnet-train" not in proc.stdout
+    rows = _csv(tmp_path / "sw" / "summary.csv")
+    assert [(r["job"], r["status"], r["lr"], r["epochs_done"], r["dir"]) for r in rows] == [
+        ("0", "ok", "0.05", "30", "0"), ("1", "ok", "0.1", "30", "1")]
 
 
 @pytest.mark.slow

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
+import socket
 import sys
 from pathlib import Path
 from typing import Any
@@ -18,9 +20,10 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from ..errors import EXIT_FAILURE, EXIT_USAGE, error_line, fail, user_errors
-from .folder import collect, job_dirs, load_json, mark_ended, mark_running, running_sweep
+from ..errors import EXIT_FAILURE, error_line, fail, user_errors
+from .folder import LIVE_FILE, collect, job_dirs, load_json, mark_ended, mark_running, running_sweep
 from .jobs import ERROR_FILE, record_failure
+from .plan import NOT_RUN, read_plan, slot_command
 from .plots import plot_summary, plot_training_error
 from .table import (group_by_config, has_repeats, render_config_table, render_table, shown_path,
                     write_config_tables, write_tables)
@@ -54,15 +57,16 @@ def summarize(sweep_dir: str | os.PathLike, training_error: Any = "auto", print_
     groups = group_by_config(rows, swept)
     if has_repeats(groups):
         write_config_tables(sweep_dir, groups, swept)
-    if rows:
+    ran = [r for r in rows if r["status"] != NOT_RUN]
+    if ran:
         import textwrap
 
         title = "\n".join([f"sweep {sweep_dir.parent.name}/{sweep_dir.name}"] +
                           textwrap.wrap(" ".join(fixed), 100, max_lines=2, placeholder=" ..."))
         try:
-            plot_summary(sweep_dir / "summary.png", rows, swept, title)
-            if _want_training_error(training_error, rows):
-                plot_training_error(sweep_dir / "training_error.png", rows, swept, title)
+            plot_summary(sweep_dir / "summary.png", ran, swept, title)
+            if _want_training_error(training_error, ran):
+                plot_training_error(sweep_dir / "training_error.png", ran, swept, title)
         except Exception as e:  # a plot must never cost the tables
             log.warning("sweep plots not written: %s", error_line(e))
     if print_table:
@@ -71,7 +75,36 @@ def summarize(sweep_dir: str | os.PathLike, training_error: Any = "auto", print_
             print("\n" + render_config_table(groups, swept), end="", flush=True)
         written = [n for n in FILES if (sweep_dir / n).is_file()]
         print(f"wrote {', '.join(written)} in {shown_path(sweep_dir)}", flush=True)
+        steps = [] if live else finishing_steps(sweep_dir, rows)
+        if steps:
+            print("\n".join(steps), flush=True)
     return doc
+
+
+def _started_elsewhere(cwd: str | None) -> bool:
+    return bool(cwd) and Path(cwd).is_dir() and Path(cwd).resolve() != Path.cwd().resolve()
+
+
+def finishing_steps(sweep_dir: Path, rows: list[dict[str, Any]]) -> list[str]:
+    """The commands that finish a sweep that was stopped: resume each job that was cut short
+    (it has a checkpoint), run each job that never started into its slot (SWEEP/N, where the
+    summary finds it as job N), then rebuild the summary. [] for a sweep that ran to its end."""
+    cut_short = [r for r in rows if r.get("_resumable")]
+    missing = [r for r in rows if r["status"] == NOT_RUN]
+    plan = read_plan(sweep_dir) if missing else None
+    lines = []
+    if cut_short:
+        lines.append(f"{len(cut_short)} job(s) stopped before the end; continue each from its last checkpoint:")
+        lines += [f"  resnet-train resume={shlex.quote(str(shown_path(r['_dir'])))}" for r in cut_short]
+    if plan is not None:
+        # relative paths in the overrides are read from where the sweep was started
+        cd = f"cd {shlex.quote(plan.cwd)} && " if _started_elsewhere(plan.cwd) else ""
+        lines.append(f"{len(missing)} job(s) of this sweep never started; run each into its slot:")
+        lines += [f"  {cd}{slot_command(plan, r['job'], r['_dir'].resolve() if cd else shown_path(r['_dir']))}"
+                  for r in missing]
+    if lines:
+        lines.append(f"then rebuild this summary: python -m resnet_cli.sweep {shlex.quote(str(shown_path(sweep_dir)))}")
+    return lines
 
 
 def failed_jobs_message(sweep_dir: str | os.PathLike) -> str | None:
@@ -126,19 +159,59 @@ class SweepSummary(Callback):
         summarize(_sweep_dir(config), self.training_error, self.print_table, final=True)
 
 
+USAGE = "usage: python -m resnet_cli.sweep SWEEP_DIR [--training-error]"
+HELP = f"""{USAGE}
+
+(Re)write the summary of a sweep (a resnet-train -m run) from its job folders and print its
+table: summary.csv/json, summary_by_config.csv/json (seed sweeps), summary.png and, for
+several models, training_error.png, all in SWEEP_DIR. Safe while the sweep still runs.
+Jobs of the sweep that never started are listed as `not run`, with the commands that run them.
+
+  SWEEP_DIR          the sweep folder (hydra.sweep.dir; by default multirun/DATE/TIME)
+  --training-error   draw training_error.png even for a sweep of one model
+  -h, --help         show this help
+
+Exit status: 0 when every job is ok (or still running), 1 when a job failed or, once the
+sweep has ended, a job never ran; 2 for bad input."""
+OPTIONS = ("--training-error",)
+
+
+def parse_args(args: list[str]) -> tuple[Path, bool]:
+    """(SWEEP_DIR, --training-error) from the command line; bad input exits in one line."""
+    unknown = [a for a in args if a.startswith("-") and a not in OPTIONS]
+    if unknown:
+        fail(f"{unknown[0]}: unknown option; allowed: {', '.join(OPTIONS)}, --help ({USAGE})")
+    given = [a for a in args if not a.startswith("-")]
+    if len(given) != 1:
+        fail(f"{'no sweep folder given' if not given else 'one sweep folder at a time'} ({USAGE})")
+    return Path(given[0]), "--training-error" in args
+
+
+def check_sweep_folder(path: Path) -> None:
+    if not path.exists():
+        fail(f"{path}: no such folder; give a sweep folder (hydra.sweep.dir, by default multirun/DATE/TIME)")
+    if not path.is_dir():
+        fail(f"{path}: not a folder; give a sweep folder (hydra.sweep.dir, by default multirun/DATE/TIME)")
+    if not job_dirs(path) and read_plan(path) is None:
+        fail(f"{path}: not a sweep folder (no job folders with .hydra/overrides.yaml, no multirun.yaml "
+             "of a basic sweep)")
+
+
 def main(argv: list[str] | None = None) -> None:
     """`python -m resnet_cli.sweep SWEEP_DIR [--training-error]`: (re)write a sweep's summary."""
     args = list(sys.argv[1:] if argv is None else argv)
-    if not args or args[0] in ("-h", "--help"):
-        print("usage: python -m resnet_cli.sweep SWEEP_DIR [--training-error]")
-        sys.exit(0 if args else EXIT_USAGE)
-    path = Path(args[0])
-    if not path.is_dir() or not job_dirs(path):
-        fail(f"{path}: not a sweep folder (no job folders with .hydra/overrides.yaml)")
-    live = running_sweep(path)
+    if "-h" in args or "--help" in args:
+        print(HELP)
+        sys.exit(0)
+    path, training_error = parse_args(args)
+    check_sweep_folder(path)
+    live = running_sweep(path)  # also removes the marker of a sweep that was killed
     with user_errors():
-        doc = summarize(path, "true" if "--training-error" in args else "auto", live=live is not None)
+        doc = summarize(path, "true" if training_error else "auto", live=live is not None)
     running = sum(j["status"] == "running" for j in doc["jobs"])
     if running:
-        print(f"{running} job(s) still running: the sweep ({live}) has not ended", flush=True)
-    sys.exit(EXIT_FAILURE if doc["n_failed"] else 0)
+        # a sweep on another host cannot be checked: say how to stop believing it
+        unchecked = "" if live.endswith(f" on {socket.gethostname()}") else \
+            f"; if it was stopped, delete {shown_path(path) / LIVE_FILE}"
+        print(f"{running} job(s) still running: the sweep ({live}) has not ended{unchecked}", flush=True)
+    sys.exit(EXIT_FAILURE if doc["n_failed"] or (doc["n_not_run"] and live is None) else 0)

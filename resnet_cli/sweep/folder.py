@@ -18,6 +18,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from .jobs import ERROR_FILE
+from .plan import NOT_RUN, missing_jobs, read_plan
 
 
 def split_override(override: str) -> tuple[str, str]:
@@ -62,33 +63,63 @@ def _metrics(path: Path) -> list[dict[str, Any]]:
 
 
 # Written into the sweep folder when a multirun starts and removed when it ends: a summary
-# rebuilt meanwhile shows jobs without results as running, not as failed.
+# rebuilt meanwhile shows jobs without results as running, not as failed. A sweep killed
+# outright leaves it behind; `running_sweep` removes it once its process is seen to be gone.
 LIVE_FILE = ".sweep-running.json"
+
+
+def _process_start(pid: int) -> str | None:
+    """When process `pid` started (Linux: /proc/PID/stat field 22), None where unknown. With
+    the pid it names one process: a pid is reused once its process has ended."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rfind(")") + 2:].split()  # the command name in (...) may hold spaces
+    return fields[19] if len(fields) > 19 else None
 
 
 def mark_running(sweep_dir: Path) -> None:
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    (sweep_dir / LIVE_FILE).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}) + "\n")
+    pid = os.getpid()
+    mark = {"pid": pid, "host": socket.gethostname(), "started": _process_start(pid)}
+    (sweep_dir / LIVE_FILE).write_text(json.dumps(mark) + "\n")
 
 
 def mark_ended(sweep_dir: Path) -> None:
     (sweep_dir / LIVE_FILE).unlink(missing_ok=True)
 
 
+def _alive(mark: dict[str, Any]) -> bool:
+    """Whether the process a marker names still runs. One on another host cannot be checked:
+    it is believed."""
+    if mark.get("host") != socket.gethostname():
+        return True
+    try:
+        os.kill(mark["pid"], 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        pass
+    started = _process_start(mark["pid"])
+    return not (mark.get("started") and started and started != mark["started"])  # else: the pid was reused
+
+
 def running_sweep(sweep_dir: Path) -> str | None:
-    """'pid N on HOST' when the process that runs this sweep has not ended, else None. On
-    this host the pid is checked (a sweep killed outright leaves the file behind); a sweep
-    started on another host cannot be checked, so its file is believed."""
-    mark = load_json(sweep_dir / LIVE_FILE)
+    """'pid N on HOST' when the process that runs this sweep has not ended, else None. A marker
+    whose process has ended (the sweep was killed) is removed here, so the folder no longer
+    claims a running sweep."""
+    path = sweep_dir / LIVE_FILE
+    mark = load_json(path)
     if not isinstance(mark, dict) or not isinstance(mark.get("pid"), int):
         return None
-    if mark.get("host") == socket.gethostname():
-        try:
-            os.kill(mark["pid"], 0)
-        except ProcessLookupError:
-            return None
-        except PermissionError:  # alive, another user's
-            pass
+    if not _alive(mark):
+        if load_json(path) == mark:  # not one a new sweep has just written
+            try:
+                path.unlink(missing_ok=True)
+            except OSError:  # a read-only folder: the marker is ignored all the same
+                pass
+        return None
     return f"pid {mark['pid']} on {mark.get('host')}"
 
 
@@ -167,6 +198,7 @@ def read_job(job_dir: Path, final: bool = True, live: bool = False) -> dict[str,
         status = "failed"
         error = "no results.json: the job was interrupted or killed" + (f" (last logged: {log_line})"
                                                                           if log_line else "")
+        row["_resumable"] = (job_dir / "checkpoints" / "last.pt").is_file()
     else:
         status, error = "running", None
     best = max(metrics, key=lambda r: r["test_acc"]) if metrics else {}
@@ -181,10 +213,28 @@ def read_job(job_dir: Path, final: bool = True, live: bool = False) -> dict[str,
     return row
 
 
+def _not_run_row(num: int, overrides: list[str], slot: Path) -> dict[str, Any]:
+    """The row of a planned job that has no folder: it never started."""
+    model = dict(split_override(o) for o in overrides).get("model")
+    return {"job": num, "status": NOT_RUN, "_overrides": overrides, "_metrics": [], "_dir": slot,
+            "_residual": True, "_lr": None, "model": model, "error": None}
+
+
+def not_run_rows(sweep_dir: Path, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows for the jobs of the sweep's plan (plan.py) that have no folder, [] if it has none."""
+    plan = read_plan(sweep_dir)
+    if plan is None or any(r["job"] is None for r in rows):
+        return []
+    present = {r["job"]: r["_overrides"] for r in rows}
+    return [_not_run_row(n, plan.jobs[n], sweep_dir / str(n)) for n in missing_jobs(plan, present)]
+
+
 def collect(sweep_dir: Path, final: bool = True, live: bool = False
             ) -> tuple[list[dict[str, Any]], list[str], list[str]]:
-    """(rows sorted by job, swept keys, overrides shared by every job)."""
+    """(rows sorted by job, swept keys, overrides shared by every job). The jobs of the sweep
+    that never started are rows too (status NOT_RUN), where the plan is known."""
     rows = [read_job(d, final, live) for d in job_dirs(sweep_dir)]
+    rows += not_run_rows(sweep_dir, rows)
     for i, r in enumerate(rows):  # folders not named by number: number them in order
         if r["job"] is None:
             r["job"] = i

@@ -25,6 +25,7 @@ from typing import Any, Callable
 from ..checkpoint import atomic_write_bytes, atomic_write_json
 from .folder import split_override
 from .jobs import OBJECTIVE_KEYS
+from .plan import NOT_RUN
 
 # The accuracies whose time of first reaching is in results.json's "time_to_acc" (issue 13).
 THRESHOLDS = ("0.90", "0.92", "0.93", "0.94", "0.95")
@@ -141,24 +142,36 @@ def job_columns(swept: list[str]) -> list[str]:
     return list(JOB_HEAD) + list(swept) + [c.key for c in JOB_COLUMNS if c.key not in swept]
 
 
-def public_row(row: dict[str, Any], swept: list[str]) -> dict[str, Any]:
+def job_dir_text(job_dir: Path, sweep_dir: Path) -> str:
+    """The job's folder relative to the sweep folder ("3"): the same however the summary was
+    made, and still right after the sweep folder is moved or copied elsewhere."""
+    try:
+        return str(Path(job_dir).relative_to(sweep_dir))
+    except ValueError:
+        return str(job_dir)
+
+
+def public_row(row: dict[str, Any], swept: list[str], sweep_dir: Path) -> dict[str, Any]:
     out = {k: row.get(k) for k in JOB_HEAD}
     out.update(row["_swept"])
     for c in JOB_COLUMNS:
         out.setdefault(c.key, row.get(c.key))
-    out["dir"] = str(row["_dir"])
+    out["dir"] = job_dir_text(row["_dir"], sweep_dir)
     return _strict(out)
+
+
+def count(rows: list[dict[str, Any]], status: str) -> int:
+    return sum(r["status"] == status for r in rows)
 
 
 def write_tables(sweep_dir: Path, rows: list[dict[str, Any]], swept: list[str], fixed: list[str]) -> dict:
     """summary.csv and summary.json (atomically). Returns the json document."""
-    public = [public_row(r, swept) for r in rows]
+    public = [public_row(r, swept, sweep_dir) for r in rows]
     _write_csv(sweep_dir / "summary.csv", job_columns(swept), public)
     best = best_job(rows)
-    doc = {"sweep_dir": str(sweep_dir), "n_jobs": len(rows),
-           "n_ok": sum(r["status"] == "ok" for r in rows), "n_failed": sum(r["status"] == "failed" for r in rows),
-           "swept_keys": swept, "fixed_overrides": fixed, "best_job": best["job"] if best else None,
-           "jobs": public}
+    doc = {"sweep_dir": str(Path(sweep_dir).resolve()), "n_jobs": len(rows), "n_ok": count(rows, "ok"),
+           "n_failed": count(rows, "failed"), "n_not_run": count(rows, NOT_RUN), "swept_keys": swept,
+           "fixed_overrides": fixed, "best_job": best["job"] if best else None, "jobs": public}
     atomic_write_json(sweep_dir / "summary.json", doc)
     return doc
 
@@ -177,10 +190,11 @@ def _stats(values: list[float]) -> dict[str, float | None]:
 
 
 def group_by_config(rows: list[dict[str, Any]], swept: list[str]) -> list[dict[str, Any]]:
-    """One row per configuration (the swept values but `seed`), in order of its first job."""
+    """One row per configuration (the swept values but `seed`), in order of its first job;
+    jobs that never started are left out."""
     keys = config_keys(swept)
     members: dict[tuple, list[dict[str, Any]]] = {}
-    for r in rows:
+    for r in (r for r in rows if r["status"] != NOT_RUN):
         members.setdefault(tuple(r["_swept"][k] for k in keys), []).append(r)
     groups = []
     for jobs in members.values():
@@ -216,7 +230,7 @@ def write_config_tables(sweep_dir: Path, groups: list[dict[str, Any]], swept: li
     columns = group_columns(swept)
     public = [_strict({k: g.get(k) for k in columns}) for g in groups]
     _write_csv(sweep_dir / "summary_by_config.csv", columns, public)
-    doc = {"sweep_dir": str(sweep_dir), "grouped_over": SEED_KEY, "config_keys": config_keys(swept),
+    doc = {"sweep_dir": str(Path(sweep_dir).resolve()), "grouped_over": SEED_KEY, "config_keys": config_keys(swept),
            "std": "sample standard deviation (n-1)", "n_configs": len(groups), "configs": public}
     atomic_write_json(sweep_dir / "summary_by_config.json", doc)
     return doc
@@ -274,7 +288,8 @@ def _shown(columns: list[Column], rows: list[dict[str, Any]]) -> list[Column]:
 def render_table(rows: list[dict[str, Any]], swept: list[str], sweep_dir: Path, tty: bool | None = None) -> str:
     """The table (sorted by the objective, best job first and marked) and a closing line."""
     best = best_job(rows)
-    ordered = sorted(rows, key=lambda r: (r["status"] != "ok", -(score(r) or ("", 0.0))[1], r["job"]))
+    ordered = sorted(rows, key=lambda r: (r["status"] != "ok", r["status"] == NOT_RUN, -(score(r) or ("", 0.0))[1],
+                                          r["job"]))
     keys = list(swept) + (["model"] if "model" not in swept else [])
     columns = _shown([c for c in JOB_COLUMNS if c.key not in keys], rows)
     header = ["", "job"] + keys + ["status"] + [c.title for c in columns]
@@ -282,10 +297,9 @@ def render_table(rows: list[dict[str, Any]], swept: list[str], sweep_dir: Path, 
     body = [["*" if r is best else "", str(r["job"])]
             + [Column(k).cell({k: r["_swept"].get(k) if k in swept else r.get(k)}) for k in keys]
             + [r["status"]] + [c.cell(r) for c in columns] for r in ordered]
-    styles = ["bold green" if r is best else ("red" if r["status"] == "failed" else None) for r in ordered]
-    n_ok, n_running = (sum(r["status"] == s for r in rows) for s in ("ok", "running"))
-    title = (f"sweep {shown_path(sweep_dir)}: {len(rows)} jobs, {n_ok} ok, {len(rows) - n_ok - n_running} failed"
-             + (f", {n_running} running" if n_running else ""))
+    styles = ["bold green" if r is best else {"failed": "red", NOT_RUN: "yellow"}.get(r["status"]) for r in ordered]
+    title = (f"sweep {shown_path(sweep_dir)}: {len(rows)} jobs, {count(rows, 'ok')} ok, {count(rows, 'failed')} failed"
+             + "".join(f", {n} {s}" for s in ("running", NOT_RUN) if (n := count(rows, s))))
     if best is not None:
         metric, value = score(best)
         closing = (f"best: job {best['job']}  {best['overrides']}  {metric} {value:.4f} "

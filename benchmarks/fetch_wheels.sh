@@ -9,5 +9,9 @@ PY=${PYTHON:-python3}
 mkdir -p wheelhouse
 "$PY" -m pip download --quiet --no-deps -d wheelhouse hydra-core==1.3.2 omegaconf==2.3.0 \
   "pytest>=8,<9" "pluggy>=1.5,<2" "iniconfig>=2,<3" "packaging>=22" "pygments>=2.7.2"
+# pytest's two extra dependencies on Python 3.10, as pure-Python wheels (tomli also ships
+# compiled ones for the Python that runs this)
+"$PY" -m pip download --quiet --no-deps -d wheelhouse --only-binary=:all: --platform any --python-version 3.10 \
+  "exceptiongroup>=1" "tomli>=1"
 "$PY" -m pip wheel --quiet --no-deps -w wheelhouse antlr4-python3-runtime==4.9.3  # PyPI has only its sdist
 ls wheelhouse

@@ -31,11 +31,18 @@ if [ "$smoke" = 0 ]; then
     echo "error: no CUDA device visible to torch ($version) with $PY; run this on a GPU machine, or pass --cpu-smoke" >&2
     exit 2
   fi
-  # Only what is missing: a GPU image's own pytest (with its plugins) stays as it is.
+  # Only what is missing: a GPU image's own pytest (with its plugins) stays as it is; pytest's
+  # own dependencies are looked at only where pytest itself is missing.
   shopt -s nullglob
   wheels=()
-  for pair in hydra:hydra_core omegaconf:omegaconf antlr4:antlr4_python3_runtime pytest:pytest \
-              pluggy:pluggy iniconfig:iniconfig packaging:packaging pygments:pygments; do
+  needed="hydra:hydra_core omegaconf:omegaconf antlr4:antlr4_python3_runtime"
+  if ! "$PY" -c "import pytest" 2>/dev/null; then
+    needed="$needed pytest:pytest pluggy:pluggy iniconfig:iniconfig packaging:packaging pygments:pygments"
+    if ! "$PY" -c "import sys; sys.exit(sys.version_info < (3, 11))"; then
+      needed="$needed exceptiongroup:exceptiongroup tomli:tomli"
+    fi
+  fi
+  for pair in $needed; do
     if ! "$PY" -c "import ${pair%%:*}" 2>/dev/null; then
       found=(wheelhouse/"${pair#*:}"-*.whl)
       if [ ${#found[@]} -eq 0 ]; then

@@ -301,9 +301,12 @@ def _check_info_request(info: list[str], flags: list[str], overrides: list[str],
     """--help, --cfg, --info with overrides: Hydra composes them and answers a bad one with a
     traceback (or several lines), and --cfg with -m with a ValueError. Compose them first, as a
     run would (its data and devices are not checked: nothing runs)."""
-    shown = [f for f in info if f not in ("--version", "--shell-completion", "-sc")]
-    if shown and multirun:  # Hydra composes one config for these, which a sweep's a,b values are not
+    shown = [f for f in info if f in ("--cfg", "-c", "--info", "-i")]
+    if shown and multirun:  # Hydra refuses these with -m (a ValueError traceback)
         raise ConfigError(f"{shown[0]}: shows one run's config, not a sweep's; drop -m and give one value per key")
+    helps = [f for f in info if f in ("--help", "-h", "--hydra-help")]
+    if helps and multirun and len(_sweep_jobs(overrides)) > 1:  # Hydra composes one config for the help
+        raise ConfigError(f"{helps[0]}: composes one config, not a sweep's; give one value per key")
     if not overrides or any(f in ("--shell-completion", "-sc") for f in info):
         return
     name, primary_dir, search = config_source(flags)

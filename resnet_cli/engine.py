@@ -118,10 +118,14 @@ class StepContext:
     grad_clip: float | None = None
     skip_nonfinite: bool = False
     channels_last: bool = True
-    # on_step runs after the steps that are a multiple of any of these (each call syncs a GPU):
-    # (1,) on the CPU; on CUDA the host-read cadence plus the steps that must be hit exactly
-    # (mid-epoch checkpoints, tracker points), so the reads fall together.
+    # on_step runs after the steps whose number in the epoch is a multiple of one of `report_at`,
+    # or whose number in the run (step_offset + the step in the epoch) is a multiple of one of
+    # `report_global` (each call syncs a GPU): every step on the CPU; on CUDA the host-read
+    # cadence plus the steps that must be hit exactly (mid-epoch checkpoints count in the
+    # epoch, tracker points in the run), so the reads fall together.
     report_at: tuple[int, ...] = (1,)
+    report_global: tuple[int, ...] = ()
+    step_offset: int = 0  # steps of the run before this epoch
     # An exponential moving average of the weights (torch.optim.swa_utils.AveragedModel), updated
     # after every optimizer step from `ema_source` (the un-wrapped model).
     ema: nn.Module | None = None
@@ -253,9 +257,11 @@ def train_one_epoch(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torc
         run.seen += y.shape[0]
         if not sync_every_step:
             pending.append((run.steps, loss.detach()))  # 1-based step number
-            if len(pending) >= HOST_READ_EVERY:
+            # at the same steps as on_step's reads, also in an epoch resumed mid-way
+            if len(pending) >= HOST_READ_EVERY or run.steps % HOST_READ_EVERY == 0:
                 _check_pending(pending, epoch, ctx.device)
-        if on_step is not None and any(run.steps % k == 0 for k in ctx.report_at):
+        if on_step is not None and (any(run.steps % k == 0 for k in ctx.report_at)
+                                    or any((ctx.step_offset + run.steps) % k == 0 for k in ctx.report_global)):
             _fold(run, loss_sum, correct)
             loss_sum.zero_(), correct.zero_()
             run.train_seconds += time.perf_counter() - t0

@@ -304,6 +304,11 @@ def _train(cfg: dict[str, Any], run_dir: Path, dinfo: DistInfo, stop: StopSignal
            trackers: Trackers) -> dict[str, Any]:
     clock = Clock()
     check_values(cfg)
+    root = cfg["data"].get("root")
+    if isinstance(root, str) and root and not Path(root).expanduser().is_absolute():
+        # the folder actually read (relative to this process's folder, which hydra.job.chdir may
+        # have changed): checkpoints record it, so resume and resnet-eval find it from anywhere
+        cfg["data"]["root"] = str(Path(root).expanduser().absolute())
     device = resolve_device(cfg["trainer"]["device"], dinfo.local_rank if dinfo.enabled else None)
     precision = resolve_precision(cfg["trainer"]["precision"], device)
     tcfg = cfg["trainer"]
@@ -362,9 +367,9 @@ def _train(cfg: dict[str, Any], run_dir: Path, dinfo: DistInfo, stop: StopSignal
     scheduler = build_scheduler(optimizer, cfg["scheduler"], steps_per_epoch, cfg["epochs"])
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
     loss_fn = nn.CrossEntropyLoss(label_smoothing=float(tcfg["label_smoothing"]))
+    report_at, report_global = report_steps(device, tcfg["checkpoint_every_steps"], cfg.get("logger"))
     ctx = StepContext(optimizer, scheduler, loss_fn, device, precision, scaler, tcfg["grad_clip"],
-                      tcfg["skip_nonfinite"], tcfg["channels_last"],
-                      report_at=report_steps(device, tcfg["checkpoint_every_steps"], cfg.get("logger")),
+                      tcfg["skip_nonfinite"], tcfg["channels_last"], report_at=report_at, report_global=report_global,
                       ema=build_ema(core, tcfg["ema_decay"]), ema_source=core,
                       forward=cuda_graphs.GraphedForward(core, cfg["batch_size"]) if graphs else None)
     tr = Trainer(model, core, ctx, data, cfg, run_dir, dinfo, clock=clock)
@@ -447,6 +452,7 @@ def _loop(tr: Trainer, clock: Clock, stop: StopSignals, precision: str, steps_pe
     while tr.epoch < cfg["epochs"]:
         epoch = tr.epoch + 1
         tr.running = tr.running or Running()
+        tr.ctx.step_offset = (epoch - 1) * steps_per_epoch  # tracker points count the run's steps
         t_epoch = time.perf_counter() - tr.running.train_seconds
         with epoch_progress(mode, epoch, cfg["epochs"], steps_per_epoch, tr.step) as update:
             def on_step(run: Running) -> None:
@@ -504,16 +510,18 @@ ACC_MARKS = (0.90, 0.92, 0.93, 0.94, 0.95)  # time-to-accuracy thresholds (issue
 CPU_ETA_HINT_S = 30 * 60
 
 
-def report_steps(device: torch.device, checkpoint_every: int | None, logger: Any) -> tuple[int, ...]:
-    """The steps after which train_one_epoch calls on_step (progress, checkpoints, tracker points).
-    CUDA reads the step's numbers on the host every HOST_READ_EVERY steps, when the engine checks
-    its batched losses, not every step (each read waits for the GPU); mid-epoch checkpoints and
-    TensorBoard points add their own steps, hit exactly."""
+def report_steps(device: torch.device, checkpoint_every: int | None,
+                 logger: Any) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """StepContext's (report_at, report_global): the steps after which train_one_epoch calls
+    on_step (progress, checkpoints, tracker points). CUDA reads the step's numbers on the host
+    every HOST_READ_EVERY steps, when the engine checks its batched losses, not every step (each
+    read waits for the GPU); mid-epoch checkpoints (counted in the epoch) and TensorBoard points
+    (counted in the run) add their own steps, hit exactly."""
     if device.type != "cuda":
-        return (1,)
+        return (1,), ()
     tb = (logger or {}).get("tensorboard") or {}
-    extra = (checkpoint_every, tb.get("log_every_n_steps"))
-    return (HOST_READ_EVERY, *sorted({int(k) for k in extra if k}))
+    return ((HOST_READ_EVERY, *([int(checkpoint_every)] if checkpoint_every else [])),
+            tuple([int(tb["log_every_n_steps"])] if tb.get("log_every_n_steps") else []))
 
 
 def _eta_hint(tr: Trainer, run: Running, epoch: int, steps_per_epoch: int) -> None:

@@ -112,7 +112,8 @@ def test_a_failed_capture_trains_eagerly_with_one_log_line(caplog):
     """On torch >= 2.12. Older torch cannot go on after a failed capture: one line says to turn
     graphs off; there the test runs in a process of its own, since the allocator stays broken."""
     if not recovers_from_failed_capture() and os.environ.get("RESNET_CLI_TEST_ISOLATED") != "1":
-        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+        # addopts from pyproject name xdist's --dist, which a GPU image may lack (as gpu_check.py does)
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=-ra",
                                f"{__file__}::test_a_failed_capture_trains_eagerly_with_one_log_line"],
                               env={**os.environ, "RESNET_CLI_TEST_ISOLATED": "1"}, cwd=Path(__file__).parent,
                               capture_output=True, text=True, timeout=300)

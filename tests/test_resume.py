@@ -516,7 +516,7 @@ BAD_COMMAND_LINES = [
     (["--cfg", "job", "lrr=1"], "lrr: unknown key; did you mean lr?"),
     (["--help", "model=resnet99"], "model=resnet99: unknown option for model"),
     (["--cfg", "job", "-m", "lr=0.1,0.2"], "--cfg: shows one run's config, not a sweep's"),
-    (["--hydra-help", "-m", "lr=0.1,0.2"], "--hydra-help: shows one run's config, not a sweep's"),
+    (["--hydra-help", "-m", "lr=0.1,0.2"], "--hydra-help: composes one config, not a sweep's"),
     (["data.mean=[0.5]"], "data.mean=[0.5]: set data.mean and data.std together"),
     (["data=imagefolder", "data.channels=4"], "data.channels=4: choose 1 (grayscale) or 3 (RGB) for imagefolder"),
     (["model=plain20", "model.zero_init_residual=true"], "model.zero_init_residual=True: needs model.residual=true"),
@@ -609,6 +609,7 @@ def test_resume_from_another_folder_finds_the_data_the_run_trained_on(tmp_path):
     run_cli("resnet-train", "data=imagefolder", "data.root=images", "data.resize=16", "data.num_workers=0",
             "model=resnet20", "model.layers=[1,1,1]", "batch_size=4", "epochs=1", "trainer.progress=none",
             f"hydra.run.dir={run}", cwd=tmp_path, check=True)
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["config"]["data"]["root"] == str(tmp_path / "images")
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     run_cli("resnet-train", f"resume={run}", "epochs=2", cwd=elsewhere, check=True)

@@ -306,13 +306,14 @@ def test_summary_while_running_and_without_lr_sweep(tmp_path: Path):
     assert json.loads((s / "summary.json").read_text())["jobs"][1]["status"] == "failed"
 
 
-@pytest.mark.parametrize("process", ["alive", "ended", "pid reused"])
+@pytest.mark.parametrize("process", ["alive", "ended", "pid reused", "other container"])
 def test_summary_rebuilt_beside_a_running_sweep(fake_sweep: Path, process: str, monkeypatch, capsys):
     """`python -m resnet_cli.sweep DIR` while the sweep's process still runs: a job with no
     results.json and no error.txt is running, not failed, and only real failures set the exit
     code. Once that process is gone (killed outright: its marker is left), the job was
     interrupted: failed, and the stale marker is removed. A pid now held by another process
-    (same pid, another start time) is a process that has gone."""
+    (same pid, another start time) is a process that has gone. A marker from another pid
+    namespace (a container with the same host name) cannot be checked: believed."""
     import os
     import socket
     import subprocess
@@ -321,12 +322,14 @@ def test_summary_rebuilt_beside_a_running_sweep(fake_sweep: Path, process: str, 
     from resnet_cli.sweep import main
     from resnet_cli.sweep.folder import LIVE_FILE
 
-    alive = process == "alive"
+    alive = process in ("alive", "other container")
     mark = {"pid": os.getpid(), "host": socket.gethostname()}
-    if process == "ended":
+    if process in ("ended", "other container"):
         gone = subprocess.Popen([sys.executable, "-c", "pass"])
         gone.wait()
         mark["pid"] = gone.pid
+        if process == "other container":
+            mark["pid_namespace"] = "pid:[1]"  # not ours: its pids are not ours to look up
     elif process == "pid reused":
         if not Path("/proc/self/stat").is_file():
             pytest.skip("no /proc: process start times are not known here")

@@ -324,17 +324,23 @@ def test_on_step_falls_on_the_host_read_cadence_and_on_checkpoint_and_tracker_st
     from resnet_cli.train import report_steps
 
     cuda = torch.device("cuda", 0)  # a device object; nothing runs on it
-    assert report_steps(torch.device("cpu"), 40, {"tensorboard": {"log_every_n_steps": 50}}) == (1,)
-    assert report_steps(cuda, None, None) == (HOST_READ_EVERY,) == (20,)
-    assert report_steps(cuda, 64, {"tensorboard": {"log_every_n_steps": 50}}) == (20, 50, 64)
+    assert report_steps(torch.device("cpu"), 40, {"tensorboard": {"log_every_n_steps": 50}}) == ((1,), ())
+    assert report_steps(cuda, None, None) == ((HOST_READ_EVERY,), ()) == ((20,), ())
+    # checkpoints count the epoch's steps, tracker points the run's
+    assert report_steps(cuda, 64, {"tensorboard": {"log_every_n_steps": 50}}) == ((20, 64), (50,))
 
     model = nn.Linear(4, 3)
     batches = [(torch.randn(2, 4), torch.randint(0, 3, (2,))) for _ in range(130)]
     ctx = StepContext(torch.optim.SGD(model.parameters(), lr=0.01), None, nn.CrossEntropyLoss(),
-                      torch.device("cpu"), "fp32", channels_last=False, report_at=(20, 50, 64))
+                      torch.device("cpu"), "fp32", channels_last=False, report_at=(20, 64), report_global=(50,))
     calls = []
     train_one_epoch(model, batches, ctx, epoch=1, on_step=lambda run: calls.append(run.steps))
     assert calls == [20, 40, 50, 60, 64, 80, 100, 120, 128]
+    # epoch 2 of a run with 130 steps an epoch: tracker points at run steps 150, 200, 250
+    calls.clear()
+    ctx.step_offset = 130
+    train_one_epoch(model, batches, ctx, epoch=2, on_step=lambda run: calls.append(run.steps))
+    assert calls == [20, 40, 60, 64, 70, 80, 100, 120, 128]
 
 
 def test_loss_sums_avoid_float64_on_apple_gpus():

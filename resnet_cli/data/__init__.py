@@ -160,7 +160,7 @@ def load_data(cfg: Mapping[str, Any], batch_size: int, eval_batch_size: int, see
         tv_val.transform = tv_test.transform = sample_transform(eval_prep, False, native)
         train = LoaderBatches(Subset(tv_train, train_idx.tolist()), train_order, device, workers)
         # Evaluation batches are 4x training's (trainer.eval_batch_size): 2 in flight per worker,
-        # not 4, keeps pinned host memory at half of training's (large images add up to GBs).
+        # not 4, halves what evaluation holds in pinned host memory (large images: GBs).
         test = LoaderBatches(Subset(tv_test, test_idx.tolist()), eval_order(n_test), device, workers, prefetch=2)
         if val_idx is not None:
             val = LoaderBatches(Subset(tv_val, val_idx.tolist()), eval_order(n_val), device, workers, prefetch=2)

@@ -129,10 +129,12 @@ def _not_yet_there(root: Path, info: DatasetInfo) -> list[Path]:
 
 
 def _remove_new(paths: list[Path]) -> None:
-    """Files first, then folders deepest first; a folder something else has put files into
-    since is left alone (rmdir fails on it), so nothing that was not ours goes."""
+    """Empty files first, then folders deepest first (rmdir removes only empty ones). A file
+    with data stays: another process (a sweep job, a torchrun rank) downloading into the same
+    root may have just finished it, and a partial one is downloaded again next time anyway
+    (torchvision checks each archive's MD5)."""
     for p in paths:
-        if p.is_file():
+        if p.is_file() and p.stat().st_size == 0:
             with contextlib.suppress(OSError):
                 p.unlink()
     for p in sorted((p for p in paths if p.is_dir()), key=lambda p: len(p.parts), reverse=True):

@@ -75,7 +75,8 @@ def erase_boxes(u: torch.Tensor, h: int, w: int, prob: float, scale: Sequence[fl
     """n x 4 (top, left, height, width) boxes from erase_draws; height 0 erases nothing.
     torchvision's RandomErasing, vectorized: the first of the attempts whose box fits,
     area a uniform fraction in `scale` of the image's, aspect ratio log-uniform in `ratio`."""
-    u = u.double()
+    # float64 so that the batch and per-sample paths draw the same boxes; MPS has no float64
+    u = u.cpu().double() if u.device.type == "mps" else u.double()
     attempts = u[:, 1:].view(-1, ERASE_ATTEMPTS, 4)
     area = h * w * (scale[0] + (scale[1] - scale[0]) * attempts[..., 0])
     log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])

@@ -82,7 +82,7 @@ def _process_start(pid: int) -> str | None:
 def mark_running(sweep_dir: Path) -> None:
     sweep_dir.mkdir(parents=True, exist_ok=True)
     pid = os.getpid()
-    mark = {"pid": pid, "host": socket.gethostname(), "started": _process_start(pid)}
+    mark = {"pid": pid, "host": socket.gethostname(), "pid_namespace": _pid_namespace(), "started": _process_start(pid)}
     (sweep_dir / LIVE_FILE).write_text(json.dumps(mark) + "\n")
 
 
@@ -90,10 +90,20 @@ def mark_ended(sweep_dir: Path) -> None:
     (sweep_dir / LIVE_FILE).unlink(missing_ok=True)
 
 
+def _pid_namespace() -> str | None:
+    """Containers may share a host name but not process ids: pids compare within one namespace."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+
+
 def _alive(mark: dict[str, Any]) -> bool:
-    """Whether the process a marker names still runs. One on another host cannot be checked:
-    it is believed."""
+    """Whether the process a marker names still runs. One on another host, or in another
+    container of the same host name, cannot be checked: it is believed."""
     if mark.get("host") != socket.gethostname():
+        return True
+    if mark.get("pid_namespace") and mark["pid_namespace"] != _pid_namespace():
         return True
     try:
         os.kill(mark["pid"], 0)

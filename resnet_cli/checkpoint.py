@@ -14,6 +14,7 @@ import os
 import tempfile
 import threading
 import time
+import zipfile
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -151,10 +152,33 @@ class CheckpointWriter:
             raise error
 
 
+def exported_format(p: Path) -> str | None:
+    """"a TorchScript file", "a torch.export (.pt2) file" or "an ONNX file" for what
+    resnet-export writes (compiled programs, not checkpoints); None otherwise."""
+    if p.suffix.lower() == ".onnx":
+        return "an ONNX file"
+    try:
+        with zipfile.ZipFile(p) as z:
+            # The archive's records sit under one top folder; torch.load spots TorchScript by its
+            # constants.pkl, torch.export writes archive_format.
+            records = {n.split("/", 1)[-1] for n in z.namelist()}
+    except (zipfile.BadZipFile, OSError):
+        return None  # a torch.save file before torch 1.6, or no weights at all: torch.load tells
+    if "constants.pkl" in records:
+        return "a TorchScript file"
+    if "archive_format" in records:
+        return "a torch.export (.pt2) file"
+    return None
+
+
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path}: no such file")
+    exported = exported_format(path)
+    if exported:  # torch.load would print a UserWarning, then fail with a text cut mid-word
+        raise CheckpointError(f"checkpoint {path}: is {exported} (an exported model, as resnet-export writes), "
+                              "not a checkpoint; give the run's checkpoint (RUN/checkpoints/best.pt) or its folder")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # the unpickler fails in many ways (even IndexError) on damaged input

@@ -70,6 +70,8 @@ def hydra_error_line(e: BaseException, overrides: list[str]) -> str:
             # not on the command line: a config file of the user's (--config-dir) has it
             where = "" if typed else " (in a config file, not on the command line)"
             return f"{key}: unknown key{where}{hint}"
+        if "is not a ListConfig" in first and given is not None:  # model.freeze=stem
+            return f"{key}={given}: give a list, e.g. {key}=[{given}]"
         return f"{key}={given}: {first}" if given is not None else f"{key}: {first}"
     text = str(e).strip().splitlines()
     return text[0] if text else type(e).__name__

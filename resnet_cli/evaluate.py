@@ -42,6 +42,9 @@ Writes eval.json and confusion.png; preprocessing always comes from the checkpoi
 PATH_KEYS = ("checkpoint", "output_dir")
 # The model expects the input it was trained on: these come from the checkpoint only.
 PREPROCESSING_KEYS = ("resize", "normalize", "mean", "std")
+# Keys of training's split and augmentation: only the test split is scored, plainly.
+TRAINING_ONLY_KEYS = ("limit_train", "val_size", "augment", "hflip", "crop_padding", "erase_prob", "erase_scale",
+                      "erase_ratio", "erase_value", "drop_last")
 # Beyond this many classes a terminal matrix is unreadable: eval.json and the PNG hold it.
 MAX_TERMINAL_CLASSES = 20
 
@@ -67,6 +70,10 @@ def eval_data_config(stored: Mapping[str, Any], composed: Mapping[str, Any], giv
     subset, limit_test included), with the user's `data.KEY=` values over it; or, after
     `data=PRESET`, the composed preset. Preprocessing is the checkpoint's either way."""
     keys = sorted({k.split(".", 1)[1].split(".")[0] for k in given if k.startswith("data.")})
+    idle = [k for k in keys if k in TRAINING_ONLY_KEYS]
+    if idle:  # accepted silently, they would look as if they changed the evaluation
+        raise ConfigError(f"data.{idle[0]}: has no effect on evaluation (only the test split is scored, without "
+                          "augmentation); data.limit_test, data.root and data=PRESET choose what is scored")
     fixed = [k for k in keys if k in PREPROCESSING_KEYS]
     if fixed:
         mean = list(prep.mean) if prep.mean else None
@@ -317,7 +324,12 @@ def run(argv: list[str]) -> dict[str, Any]:
     with output_errors(out_dir):
         written = write_report(result, out_dir)
     logged: list[str] = []
-    if cfg["trackers"]:
+    other_data = sorted(k for k in args.given if k == "data" or k.startswith("data."))
+    if cfg["trackers"] and other_data and "trackers" not in args.given:
+        # The run's trackers hold the evaluation of its own test split: a subset or another
+        # dataset would replace it there (same step, same names). Typed trackers=true logs anyway.
+        logged = [f"not logged to the run's trackers: {other_data[0]} changes what is scored (trackers=true logs it)"]
+    elif cfg["trackers"]:
         from .trackers import log_evaluation
 
         logged = log_evaluation(run_dir, result, written, int(ckpt["epoch"]), int(ckpt.get("step") or 0))

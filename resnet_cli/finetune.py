@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import logging
 import math
-import zipfile
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 from torch import nn
 
+from .checkpoint import exported_format
 from .models.resnet import ModelConfigError
 
 log = logging.getLogger("resnet_cli")
@@ -104,30 +104,13 @@ def _not_a_weights_file(path: str | Path) -> str | None:
         return f"is not a regular file; {WHAT_TO_GIVE}"
     if p.stat().st_size == 0:
         return f"is an empty file; {WHAT_TO_GIVE}"
-    exported = _exported_format(p)
+    exported = exported_format(p)
     if exported:
         # torch.load would warn (two lines on stderr) and then fail: TorchScript and torch.export
         # archives hold a compiled program whose weights are not a state_dict.
         return (f"is {exported} (an exported model, as resnet-export writes): a compiled program, not "
                 "weights to start from; give the checkpoint it was exported from (RUN/checkpoints/best.pt) "
                 "or a state_dict file")
-    return None
-
-
-def _exported_format(p: Path) -> str | None:
-    if p.suffix.lower() == ".onnx":
-        return "an ONNX file"
-    try:
-        with zipfile.ZipFile(p) as z:
-            # The archive's records sit under one top folder; torch.load spots TorchScript by its
-            # constants.pkl, torch.export writes archive_format.
-            records = {n.split("/", 1)[-1] for n in z.namelist()}
-    except (zipfile.BadZipFile, OSError):
-        return None  # a torch.save file before torch 1.6, or no weights at all: torch.load tells
-    if "constants.pkl" in records:
-        return "a TorchScript file"
-    if "archive_format" in records:
-        return "a torch.export (.pt2) file"
     return None
 
 
@@ -273,15 +256,24 @@ def init_model(model: nn.Module, model_cfg: Mapping[str, Any], resuming: bool = 
     """Load `model.init_from` (not when resuming: the checkpoint has the weights), then
     freeze `model.freeze`. Call before moving the model to its device."""
     path = model_cfg.get("init_from")
+    names = list(model_cfg.get("freeze") or [])
+    notes: list[str] = []
     if path and not resuming:
         state, kind = read_state_dict(path)
         fitted, loaded, notes = fitted_state(model, state, path)
         model.load_state_dict(fitted)
         log.info("init_from %s (%s): %d tensors loaded%s", path, kind, loaded, "".join(f"; {n}" for n in notes))
-    names = list(model_cfg.get("freeze") or [])
+    if names and not resuming:
+        # Legal, but rarely meant: a frozen part that was not loaded keeps its random weights.
+        if not path:
+            log.warning("model.freeze=[%s] without model.init_from: the frozen parts keep their random initial "
+                        "weights", ",".join(names))
+        elif HEAD in names and any(n.startswith(f"classifier {HEAD} replaced") for n in notes):
+            log.warning("model.freeze: %s was newly initialized (its classes differ from the file's), so frozen it "
+                        "stays random; leave it out of model.freeze", HEAD)
     if names:
         freeze(model, names)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        log.info("frozen: %s (their BatchNorm statistics too); %s parameters left to train", ", ".join(names),
-                 f"{trainable:,}")
+        with_bn = " (their BatchNorm statistics too)" if set(names) - {HEAD} else ""
+        log.info("frozen: %s%s; %s parameters left to train", ", ".join(names), with_bn, f"{trainable:,}")
 

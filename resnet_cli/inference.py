@@ -162,8 +162,9 @@ def resolve_checkpoint(target: str | os.PathLike) -> Path:
     p = Path(target).expanduser()
     if p.is_dir():
         for name in ("best.pt", "last.pt"):
-            if (p / "checkpoints" / name).is_file():
-                return p / "checkpoints" / name
+            for folder in (p / "checkpoints", p):  # the run folder, or its checkpoints/ itself
+                if (folder / name).is_file():
+                    return folder / name
         raise CheckpointError(f"checkpoint={target}: a folder without checkpoints/best.pt or last.pt "
                               "(give a .pt file or a resnet-train run folder)")
     return p

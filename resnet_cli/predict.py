@@ -184,8 +184,10 @@ def run(argv: list[str]) -> list[dict[str, Any]]:
 
     cfg = parse_args("predict", PredictConfig, argv, PATH_KEYS, USAGE).cfg
     path = resolve_checkpoint(require(cfg, "checkpoint", "checkpoint=outputs/DATE/TIME/checkpoints/best.pt"))
-    inputs = [s.strip() for s in str(require(cfg, "inputs", "inputs=cat.png,dog.jpg or inputs=images/")).split(",")]
-    inputs = [s for s in inputs if s]
+    given = str(require(cfg, "inputs", "inputs=cat.png,dog.jpg or inputs=images/"))
+    if given.startswith("[") and given.endswith("]") and not Path(given).expanduser().exists():
+        given = given[1:-1]  # Hydra's list form, inputs=[a.png,b.png]: the same list
+    inputs = [s for s in (s.strip() for s in given.split(",")) if s]
     if cfg["topk"] < 1:
         raise ConfigError(f"topk={cfg['topk']}: must be >= 1")
     if cfg["format"] not in FORMATS:

@@ -93,6 +93,35 @@ def check(logger_cfg: Mapping[str, Any] | None) -> None:
         if why:
             raise ConfigError(f"logger.mlflow.tracking_uri={uri}: cannot write there ({why}); "
                               "choose a writable folder")
+        if uri.startswith(("http://", "https://")):
+            why = _unreachable(uri)
+            if why:
+                raise ConfigError(f"logger.mlflow.tracking_uri={uri}: no server answers there ({why}); start it "
+                                  "(mlflow server), or log to a folder (a file store)")
+
+
+def _unreachable(uri: str, timeout: float = 5.0) -> str | None:
+    """Why a tracking server cannot be reached, from one TCP connection: MLflow's client would
+    retry for minutes (and not stop for Ctrl-C) before the run's first step. Whether it is an
+    MLflow server, and its answers, MLflow itself checks when the run starts."""
+    import socket
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(uri)
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError as e:  # a port that is not a number
+        return str(e)
+    if not parts.hostname:
+        return "no host in the address"
+    if os.environ.get("HTTPS_PROXY" if parts.scheme == "https" else "HTTP_PROXY") or \
+            os.environ.get("https_proxy" if parts.scheme == "https" else "http_proxy"):
+        return None  # the proxy decides; a direct connection says nothing
+    try:
+        socket.create_connection((parts.hostname, port), timeout=timeout).close()
+    except OSError as e:
+        return f"no answer in {timeout:.0f} s" if isinstance(e, TimeoutError) else (e.strerror or type(e).__name__)
+    return None
 
 
 def with_run_names(cfg: dict[str, Any], hydra_cfg: Any) -> dict[str, Any]:
@@ -237,8 +266,10 @@ class Mlflow:
                 client.update_run(run_id, status="RUNNING")
                 logged = client.get_run(run_id).data.params
                 new = {k: v for k, v in params.items() if k not in logged}
+                # `resume` and the logger's own names differ in every resume: not a change the user made
                 changed = {f"resumed.{k}": v for k, v in params.items()
-                           if k in logged and str(v)[:MLFLOW_VALUE_CHARS] != logged[k]}
+                           if k in logged and str(v)[:MLFLOW_VALUE_CHARS] != logged[k]
+                           and k != "resume" and not k.startswith("logger.")}
                 tracker = cls(uri, run_id)
                 tracker._params(new)
                 tracker.tags(changed)  # params cannot change in MLflow; tags record what did

@@ -128,7 +128,7 @@ def test_bad_input_subprocess_one_line(tmp_path):
 
 
 @pytest.mark.parametrize("case", ["no_checkpoint_key", "foreign", "corrupt", "unknown_key", "preprocessing",
-                                  "bad_device", "channels", "misfit"])
+                                  "bad_device", "channels", "misfit", "exported", "training_only"])
 def test_bad_input_in_process(case, run_dir, tmp_path, monkeypatch, capsys):
     from resnet_cli.evaluate import main
 
@@ -140,6 +140,8 @@ def test_bad_input_in_process(case, run_dir, tmp_path, monkeypatch, capsys):
     state = torch.load(best, weights_only=True)
     state["config"]["model"]["layers"] = [n + 1 for n in state["config"]["model"]["layers"]]
     torch.save(state, misfit)
+    exported = tmp_path / "exported.pt"  # what resnet-export writes: a program, not a checkpoint
+    torch.jit.save(torch.jit.trace(torch.nn.Linear(2, 2), torch.zeros(1, 2)), exported)
     argv, needles = {
         "no_checkpoint_key": ([], ("checkpoint: required",)),
         "foreign": ([f"checkpoint={foreign}"], ("not a resnet-cli checkpoint",)),
@@ -149,6 +151,9 @@ def test_bad_input_in_process(case, run_dir, tmp_path, monkeypatch, capsys):
         "bad_device": ([f"checkpoint={best}", "device=tpu"], ("device=tpu",)),
         "channels": ([f"checkpoint={best}", "data.channels=3"], ("3-channel", "1 channel")),
         "misfit": ([f"checkpoint={misfit}"], ("weights do not fit its model config (Missing key(s) in state_dict",)),
+        "exported": ([f"checkpoint={exported}"], ("exported.pt: is a TorchScript file (an exported model",)),
+        "training_only": ([f"checkpoint={best}", "data.limit_train=5"], ("data.limit_train: has no effect on "
+                                                                          "evaluation",)),
     }[case]
     code, out, err = call_main(main, "resnet-eval", argv, monkeypatch, capsys)
     assert_one_error_line(code, err, *needles)
@@ -227,3 +232,15 @@ def test_a_mid_epoch_checkpoint_is_named_as_the_stop_message_names_it():
 
     assert when(0, 40) == "epoch 1, step 40"
     assert when(2, 0) == "epoch 2"
+
+
+def test_a_runs_checkpoints_folder_names_its_best_checkpoint(tmp_path):
+    """checkpoint=RUN/checkpoints, as resume=RUN/checkpoints: the folder that holds best.pt."""
+    from resnet_cli.inference import resolve_checkpoint
+
+    ckpts = tmp_path / "run" / "checkpoints"
+    ckpts.mkdir(parents=True)
+    (ckpts / "last.pt").write_bytes(b"x")
+    assert resolve_checkpoint(ckpts) == resolve_checkpoint(tmp_path / "run") == ckpts / "last.pt"
+    (ckpts / "best.pt").write_bytes(b"x")
+    assert resolve_checkpoint(ckpts) == resolve_checkpoint(tmp_path / "run") == ckpts / "best.pt"

@@ -275,3 +275,17 @@ def test_fine_tune_through_the_command(tv_file, tmp_path):
                   "data.image_size=32", "data.train_size=64", "data.test_size=32", f"model.init_from={path}",
                   cwd=tmp_path)
     assert_one_error_line(bad.returncode, bad.stderr, "layer4.0.conv1.weight has shape (512, 256, 3, 3) there")
+
+
+@pytest.mark.parametrize("with_file,freeze_parts,warned", [
+    (False, ["stem"], "model.freeze=[stem] without model.init_from: the frozen parts keep their random"),
+    (True, ["fc"], "model.freeze: fc was newly initialized"),  # 1000 classes there, 10 here
+    (True, ["stem", "layer1"], None),  # the usual: loaded parts, frozen
+])
+def test_freezing_what_was_not_loaded_is_warned(tv_file, caplog, with_file, freeze_parts, warned):
+    path, _ = tv_file
+    model = build_model("resnet18", in_channels=3, num_classes=10)
+    with caplog.at_level(logging.INFO, logger="resnet_cli"):
+        init_model(model, cfg(path if with_file else None, freeze=freeze_parts))
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert [w for w in warnings if w.startswith(warned)] if warned else not warnings, warnings

@@ -196,3 +196,13 @@ def test_a_file_name_with_glob_characters_is_the_file(image_dir, tmp_path):
     assert find_images([str(tmp_path / "star*.png")]) == ([tmp_path / "star*.png"], [])
     files, problems = find_images([str(tmp_path / "shot [0-9].png")])  # not a file: a pattern
     assert files == [tmp_path / "shot 1.png"] and not problems
+
+
+def test_hydras_list_form_of_inputs_is_the_same_list(run_dir, image_dir, monkeypatch, capsys):
+    from resnet_cli.predict import main
+
+    files = [image_dir / "gray_0.png", image_dir / "rgb_0.png"]
+    code, out, err = call_main(main, "resnet-predict", [f"checkpoint={run_dir}", f"inputs=[{files[0]},{files[1]}]",
+                                                        "format=json"], monkeypatch, capsys)
+    assert code == 0, err
+    assert [r["file"] for r in json.loads(out)] == [str(f) for f in files]

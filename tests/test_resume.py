@@ -498,6 +498,7 @@ BAD_COMMAND_LINES = [
     (["data.num_classes=1"], "data.num_classes=1: must be >= 2"),
     (["data.channels=0"], "data.channels=0: must be >= 1"),
     (["data.resize=0"], "data.resize=0: must be >= 1 (or null for the native size)"),
+    (["model.freeze=stem"], "model.freeze=stem: give a list, e.g. model.freeze=[stem]"),
     (["data.train_size=0"], "data.train_size=0: must be >= 1"),
     (["data.test_size=0"], "data.test_size=0: must be >= 1"),
     (["epochs=3", "epochs=abc"], "epochs=abc: Value 'abc' of type 'str' could not be converted to Integer"),

@@ -114,6 +114,8 @@ def test_mlflow_run_holds_what_metrics_jsonl_holds(tracked):
     assert client.get_experiment(parent.info.experiment_id).name == "resnet-cli"
     assert parent.data.params["lr"] == "0.05" and parent.data.params["model.name"] == "resnet20"
     assert parent.data.params["epochs"] == "1" and parent.data.tags["resumed.epochs"] == "2"  # params cannot change
+    # only what the user changed: not the resume= itself
+    assert sorted(k for k in parent.data.tags if k.startswith("resumed.")) == ["resumed.epochs"]
     tags = parent.data.tags
     assert (tags["model"], tags["dataset"], tags["device"]) == ("resnet20", "synthetic", "cpu")
     for key in ("train_loss", "test_acc", "lr", "train_images_per_s"):  # epochs 1 and 2, once each
@@ -144,6 +146,20 @@ def test_resnet_eval_adds_the_confusion_matrix(tracked, monkeypatch, capsys, tmp
     client, run_id = mlflow_client(tracked)
     assert mlflow_history(client, run_id, "eval_top1") == [(2, result["top1"])]
     assert {a.path for a in client.list_artifacts(run_id, "eval")} == {"eval/eval.json", "eval/confusion.png"}
+
+
+def test_an_evaluation_of_other_data_leaves_the_runs_trackers_alone(tracked, monkeypatch, capsys, tmp_path):
+    """A subset (or another dataset) would replace the run's own evaluation there: same step, same names."""
+    from resnet_cli.evaluate import main
+
+    client, run_id = mlflow_client(tracked)
+    before = mlflow_history(client, run_id, "eval_top1")
+    code, out, err = call_main(main, "resnet-eval", [f"checkpoint={tracked / 'checkpoints' / 'last.pt'}",
+                                                     "data.limit_test=10", f"output_dir={tmp_path}"], monkeypatch, capsys)
+    assert code == 0, err
+    assert "warning: not logged to the run's trackers: data.limit_test changes what is scored" in err
+    assert json.loads((tmp_path / "eval.json").read_text())["images"] == 10  # the files are written all the same
+    assert mlflow_history(client, run_id, "eval_top1") == before
 
 
 @pytest.mark.slow
@@ -316,3 +332,18 @@ def test_a_tracker_that_cannot_start_is_one_line_naming_the_logger():
     with pytest.raises(ConfigError, match="^logger.tensorboard.flush_secs"):  # our own refusals pass unchanged
         with _cannot_log("tensorboard", "tb"):
             raise ConfigError("logger.tensorboard.flush_secs=0: must be >= 1")
+
+
+def test_a_tracking_server_that_does_not_answer_is_refused_at_once(tmp_path, monkeypatch):
+    """MLflow's client retries for minutes, deaf to Ctrl-C, before the first step."""
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for var in ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    override = f"logger.mlflow.tracking_uri=http://127.0.0.1:{port}"
+    proc = run_cli("resnet-train", "data=synthetic", "logger=mlflow", override, cwd=tmp_path, timeout=120)
+    assert_one_error_line(proc.returncode, proc.stderr, override, "no server answers there (Connection refused)")
+    assert not (tmp_path / "outputs").exists()

@@ -22,7 +22,7 @@ from conftest import command, run_cli
 CHAOS = ["data=synthetic", "data.train_size=128", "data.test_size=32", "batch_size=16", "model=resnet20",
          "model.layers=[1,1,1]", "epochs=6", "trainer.progress=none", "trainer.checkpoint_every_steps=1",
          "data.augment=standard", "trainer.eval_batch_size=32", "trainer.precision=fp32"]
-KILLS = 10
+KILLS = 7  # each life costs a Python and torch start-up: the suite's slowest test
 
 
 def _rows(run: Path) -> list[dict]:

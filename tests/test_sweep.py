@@ -652,7 +652,7 @@ def test_multirun_with_a_failing_job(tmp_path: Path):
 
 
 @pytest.mark.slow
-def test_a_sweep_stopped_by_sigterm_can_be_finished(tmp_path: Path):
+def test_a_sweep_stopped_by_sigterm_can_be_finished(tmp_path: Path, monkeypatch, capsys):
     """The user's way through a stopped sweep: SIGTERM during job 0 of 2 stops the sweep (job 1
     never starts). The summary command removes the stale marker, lists job 1 as `not run` and
     prints the commands that finish the sweep; run as printed, they make it whole: both jobs
@@ -665,34 +665,47 @@ def test_a_sweep_stopped_by_sigterm_can_be_finished(tmp_path: Path):
 
     from conftest import command
 
+    from resnet_cli.sweep import main
+
+    def summary() -> tuple[int, str]:  # `python -m resnet_cli.sweep sw`, in this process
+        try:
+            main(["sw"])
+            code = 0
+        except SystemExit as e:
+            code = e.code or 0
+        return code, capsys.readouterr().out
+
+    monkeypatch.chdir(tmp_path)
     env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
-    long_job = [*(o for o in SMALL if not o.startswith("epochs=")), "epochs=30"]  # long enough to be stopped
-    sweep = subprocess.Popen([command("resnet-train"), "-m", *long_job, "lr=0.05,0.1", "hydra.sweep.dir=sw"],
+    # 3 epochs of 8 steps, a checkpoint after each: stopped at its first, job 0 is cut short
+    job = [*(o for o in SMALL if not o.startswith(("epochs=", "batch_size="))), "epochs=3", "batch_size=8",
+           "trainer.checkpoint_every_steps=1"]
+    sweep = subprocess.Popen([command("resnet-train"), "-m", *job, "lr=0.05,0.1", "hydra.sweep.dir=sw"],
                              cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    metrics, deadline = tmp_path / "sw" / "0" / "metrics.jsonl", time.monotonic() + 120
-    while not (metrics.is_file() and metrics.stat().st_size) and sweep.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.1)
+    last, deadline = tmp_path / "sw" / "0" / "checkpoints" / "last.pt", time.monotonic() + 120
+    while not last.is_file() and sweep.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
     sweep.send_signal(signal.SIGTERM)
     sweep.wait(timeout=120)
     assert not (tmp_path / "sw" / "1").exists() and (tmp_path / "sw" / LIVE_FILE).exists()
 
-    proc = run_cli("python", "-m", "resnet_cli.sweep", "sw", cwd=tmp_path)
-    assert proc.returncode == 1, proc.stdout + proc.stderr
-    assert "2 jobs, 0 ok, 1 failed, 1 not run" in proc.stdout
+    code, out = summary()
+    assert code == 1, out
+    assert "2 jobs, 0 ok, 1 failed, 1 not run" in out
     assert not (tmp_path / "sw" / LIVE_FILE).exists()  # its process is gone: the marker with it
     assert [(r["job"], r["status"], r["lr"]) for r in _csv(tmp_path / "sw" / "summary.csv")] == [
         ("0", "failed", "0.05"), ("1", "not run", "0.1")]
-    steps = [shlex.split(ln) for ln in proc.stdout.splitlines() if ln.startswith("  resnet-train ")]
+    steps = [shlex.split(ln) for ln in out.splitlines() if ln.startswith("  resnet-train ")]
     assert steps[0] == ["resnet-train", "resume=sw/0"] and steps[1][-2:] == ["lr=0.1", "hydra.run.dir=sw/1"]
     for step in steps:
         run_cli(*step, cwd=tmp_path, check=True)
 
-    proc = run_cli("python", "-m", "resnet_cli.sweep", "sw", cwd=tmp_path)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "2 jobs, 2 ok, 0 failed" in proc.stdout and "resnet-train" not in proc.stdout
+    code, out = summary()
+    assert code == 0, out
+    assert "2 jobs, 2 ok, 0 failed" in out and "resnet-train" not in out
     rows = _csv(tmp_path / "sw" / "summary.csv")
     assert [(r["job"], r["status"], r["lr"], r["epochs_done"], r["dir"]) for r in rows] == [
-        ("0", "ok", "0.05", "30", "0"), ("1", "ok", "0.1", "30", "1")]
+        ("0", "ok", "0.05", "3", "0"), ("1", "ok", "0.1", "3", "1")]
 
 
 @pytest.mark.slow

@@ -171,6 +171,16 @@ def exported_format(p: Path) -> str | None:
     return None
 
 
+def unpickler_detail(e: BaseException) -> str:
+    """The telling line of a torch.load(weights_only=True) failure: torch wraps every one in the
+    same long text; the line after "WeightsUnpickler error:" says whether the file is damaged or
+    holds foreign objects."""
+    text = str(e).strip()
+    if "WeightsUnpickler error:" in text:
+        return text.split("WeightsUnpickler error:", 1)[1].strip().splitlines()[0]
+    return text.splitlines()[0] if text else ""
+
+
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
@@ -182,11 +192,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # the unpickler fails in many ways (even IndexError) on damaged input
-        text = str(e).strip()
-        # torch wraps every weights-only failure in the same long text; the line after
-        # "WeightsUnpickler error:" says whether the file is damaged or holds foreign objects.
-        detail = text.split("WeightsUnpickler error:", 1)[1].strip().splitlines()[0] \
-            if "WeightsUnpickler error:" in text else (text.splitlines()[0] if text else "")
+        detail = unpickler_detail(e)
         if "global" in detail.lower():
             first = "it holds pickled objects other than tensors and plain data (refused for safety)"
         else:

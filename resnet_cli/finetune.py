@@ -19,7 +19,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from .checkpoint import exported_format
+from .checkpoint import exported_format, unpickler_detail
 from .models.resnet import ModelConfigError
 
 log = logging.getLogger("resnet_cli")
@@ -117,11 +117,7 @@ def _not_a_weights_file(path: str | Path) -> str | None:
 def _unreadable(e: Exception) -> str:
     """What a torch.load(weights_only=True) failure means for the user, as the checkpoint loader
     (checkpoint.load_checkpoint) words it for resume= and checkpoint=."""
-    text = str(e).strip()
-    # torch wraps every weights-only failure in the same long text; the line after
-    # "WeightsUnpickler error:" says whether the file is damaged or holds foreign objects.
-    detail = text.split("WeightsUnpickler error:", 1)[1].strip().splitlines()[0] \
-        if "WeightsUnpickler error:" in text else (text.splitlines()[0] if text else "")
+    detail = unpickler_detail(e)
     if "global" in detail.lower():
         return ("holds pickled objects other than tensors and plain data, such as a whole model saved with "
                 f"torch.save(model) (refused for safety); {WHAT_TO_GIVE} (torch.save(model.state_dict(), FILE))")

@@ -17,8 +17,9 @@ from typing import Any, Callable
 from omegaconf import DictConfig, OmegaConf
 
 # Re-exported: the commands took these from here before resnet_cli/errors.py existed.
-from .errors import (EXIT_FAILURE, EXIT_USAGE, ConfigError, error_line, fail, known_error_types, quiet_broken_pipe,
-                     user_errors)
+from .errors import (EXIT_FAILURE, EXIT_USAGE, ConfigError, error_line, fail, first_line, known_error_types,
+                     quiet_broken_pipe, user_errors)
+from .overrides import override_key, recorded_config, split_override
 
 __all__ = ["EXIT_USAGE", "check_output_folder", "compose", "fail", "hydra_error_line", "known_error_types",
            "prepare_train_argv", "run_hydra_app", "split_argv", "user_errors", "validate"]
@@ -57,14 +58,14 @@ def hydra_error_line(e: BaseException, overrides: list[str]) -> str:
         options = ", ".join(sorted(e.options or []))
         if group:
             return f"{group}={option}: unknown option for {group}; choose from {options}"
-        return str(e).splitlines()[0]
+        return first_line(e, 500)
     cause = e.__cause__ or e.__context__ or e
     key = getattr(cause, "full_key", None)
     msg = (getattr(cause, "msg", None) or str(cause)).strip().splitlines()
     first = msg[0] if msg else type(cause).__name__
     if key:
-        given = next((o.split("=", 1)[1] for o in reversed(overrides) if o.lstrip("+~").split("=", 1)[0] == key), None)
-        typed = any(o.lstrip("+~").split("=", 1)[0] == key for o in overrides)
+        given = next((o.split("=", 1)[1] for o in reversed(overrides) if "=" in o and override_key(o) == key), None)
+        typed = any(override_key(o) == key for o in overrides)
         if "not in struct" in first or "Could not override" in str(e) or (first.startswith("Key '") and " not in '" in first):
             hint = _close_key(key, overrides)
             # not on the command line: a config file of the user's (--config-dir) has it
@@ -73,8 +74,7 @@ def hydra_error_line(e: BaseException, overrides: list[str]) -> str:
         if "is not a ListConfig" in first and given is not None:  # model.freeze=stem
             return f"{key}={given}: give a list, e.g. {key}=[{given}]"
         return f"{key}={given}: {first}" if given is not None else f"{key}: {first}"
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__
+    return first_line(e, 500) or type(e).__name__
 
 
 def _close_key(key: str, overrides: list[str] = ()) -> str:
@@ -283,10 +283,6 @@ def _quote(value: str) -> str:
     return value if all(c.isalnum() or c in "/._-:" for c in value) else "'" + value.replace("'", "\\'") + "'"
 
 
-def _key(override: str) -> str:
-    return override.lstrip("+~").split("=", 1)[0]
-
-
 def config_source(flags: list[str]) -> tuple[str, str | None, list[str]]:
     """(primary config name, the user's folder if that config is theirs, extra overrides) for
     --config-dir/--config-name. --config-dir DIR adds DIR to Hydra's search path: compose with
@@ -362,7 +358,7 @@ def prepare_train_argv(argv: list[str], dinfo) -> tuple[list[str], Path | None]:
     sweep_dir = None
     if multirun:
         # Its default name holds ${now:...}: resolved once here, so Hydra writes where we read.
-        overrides = [o for o in overrides if _key(o) != "hydra.sweep.dir"]
+        overrides = [o for o in overrides if override_key(o) != "hydra.sweep.dir"]
         extra.append(f"hydra.sweep.dir={_quote(folder)}")
         sweep_dir = Path(folder).absolute()
     if dinfo.enabled:
@@ -371,7 +367,7 @@ def prepare_train_argv(argv: list[str], dinfo) -> tuple[list[str], Path | None]:
         from . import distributed
 
         distributed.init(dinfo, str(cfg.trainer.device))
-        if not any(_key(o) == "hydra.run.dir" for o in extra):  # resume= has set it
+        if not any(override_key(o) == "hydra.run.dir" for o in extra):  # resume= has set it
             # rank 0's folder as checked above (the user's primary config may name it)
             extra.append(f"hydra.run.dir={_quote(distributed.from_rank0(os.path.abspath(folder)))}")
         if not dinfo.is_main:
@@ -427,7 +423,7 @@ def _resumed_run(resume: str, flags: list[str], overrides: list[str]) -> tuple[_
     record = _hydra_record(folder)
     # A group typed again with the option the run had (scheduler=cosine) changes nothing.
     choices = OmegaConf.select(record, "runtime.choices", default=None) or {}
-    typed = [_key(o) for o in overrides if not (_key(o) in choices and o.split("=", 1)[-1] == choices[_key(o)])]
+    typed = [k for k, v in map(split_override, overrides) if not (k in choices and v == choices[k])]
     previous = folder / ".hydra" / "overrides.yaml"
     run = _Resumed(folder, ckpt, state, typed, previous.is_file(), rewind)
     flags = flags + _run_config_flags(folder, record, flags)
@@ -508,17 +504,15 @@ def _run_config_flags(run_dir: Path, hydra: DictConfig, typed: list[str]) -> lis
     the user's (and `--config-dir NEW` alone one whose folder moved); [] for a run from
     resnet-cli's own configs."""
     given = {f.split("=")[0] for f in typed}
+    folder, name = recorded_config(OmegaConf.to_container(hydra, resolve=False))
     flags = []
-    sources = OmegaConf.select(hydra, "runtime.config_sources", default=[]) or []
-    if not given & {"--config-dir", "-cd"}:
-        for folder in [s.get("path") for s in sources if s.get("provider") == "command-line"][:1]:
-            if not Path(folder).is_dir():
-                raise ConfigError(f"resume={run_dir}: the run read configs from {folder} (--config-dir), which is not "
-                                  "a folder any more; restore it, or pass --config-dir with where it is now")
-            flags += ["--config-dir", folder]
-    name = OmegaConf.select(hydra, "job.config_name", default="train")
-    if name and name != "train" and not given & {"--config-name", "-cn"}:
-        flags += ["--config-name", str(name)]
+    if folder and not given & {"--config-dir", "-cd"}:
+        if not Path(folder).is_dir():
+            raise ConfigError(f"resume={run_dir}: the run read configs from {folder} (--config-dir), which is not "
+                              "a folder any more; restore it, or pass --config-dir with where it is now")
+        flags += ["--config-dir", folder]
+    if name and not given & {"--config-name", "-cn"}:
+        flags += ["--config-name", name]
     return flags
 
 

@@ -22,6 +22,7 @@ from torch import nn
 from .checkpoint import CheckpointError
 from .config import ConfigError
 from .data.transforms import Preprocess
+from .overrides import override_key
 
 USAGE_EXIT = 0
 
@@ -34,10 +35,6 @@ class Args:
 
     cfg: dict[str, Any]
     given: set[str]  # keys named on the command line ("data" for a data=<preset> choice)
-
-
-def _override_key(override: str) -> str:
-    return override.lstrip("+~").split("=", 1)[0].strip()
 
 
 def parse_args(name: str, schema: type, argv: list[str], path_keys: tuple[str, ...], usage: str) -> Args:
@@ -66,7 +63,7 @@ def parse_args(name: str, schema: type, argv: list[str], path_keys: tuple[str, .
     for key in path_keys:
         if key in raw:
             cfg[key] = raw[key] or None
-    return Args(cfg, {_override_key(o) for o in overrides} | set(raw))
+    return Args(cfg, {override_key(o) for o in overrides} | set(raw))
 
 
 def compose(name: str, schema: type, overrides: list[str]) -> dict[str, Any]:

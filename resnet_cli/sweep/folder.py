@@ -17,13 +17,9 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from ..overrides import split_override
 from .jobs import ERROR_FILE
 from .plan import NOT_RUN, missing_jobs, read_plan
-
-
-def split_override(override: str) -> tuple[str, str]:
-    key, _, value = str(override).partition("=")
-    return key.lstrip("+~"), value
 
 
 def _value(text: str) -> Any:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..overrides import override_key, recorded_config
 from .jobs import BASIC_SWEEPER
 
 NOT_RUN = "not run"
@@ -49,15 +50,8 @@ def planned_jobs(sweeper: dict[str, Any], task: list[str]) -> list[list[str]]:
 
 
 def _config_flags(hydra: dict[str, Any]) -> list[str]:
-    sources = (hydra.get("runtime") or {}).get("config_sources") or []
-    flags = []
-    for s in sources:
-        if isinstance(s, dict) and s.get("provider") == "command-line" and s.get("path"):
-            flags += ["--config-dir", str(s["path"])]  # Hydra records it absolute
-    name = (hydra.get("job") or {}).get("config_name")
-    if name and name != "train":
-        flags += ["--config-name", str(name)]
-    return flags
+    folder, name = recorded_config(hydra)
+    return (["--config-dir", folder] if folder else []) + (["--config-name", name] if name else [])
 
 
 def _record(path: Path) -> dict[str, Any]:
@@ -68,10 +62,6 @@ def _record(path: Path) -> dict[str, Any]:
     except Exception:  # half-written or foreign: as if absent
         doc = None
     return doc if isinstance(doc, dict) else {}
-
-
-def _key(override: str) -> str:
-    return override.partition("=")[0].lstrip("+~")
 
 
 def read_plan(sweep_dir: Path) -> Plan | None:
@@ -90,7 +80,7 @@ def read_plan(sweep_dir: Path) -> Plan | None:
         jobs = planned_jobs(sweeper, overrides.get("task") or [])
     except Exception:  # any parse error: no plan we can vouch for
         return None
-    kept = [str(o) for o in overrides.get("hydra") or [] if not _key(str(o)).startswith(_SWEEP_ONLY)]
+    kept = [str(o) for o in overrides.get("hydra") or [] if not override_key(str(o)).startswith(_SWEEP_ONLY)]
     cwd = (hydra.get("runtime") or {}).get("cwd")
     return Plan(jobs, _config_flags(hydra), kept, str(cwd) if cwd else None)
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..checkpoint import atomic_write_bytes, atomic_write_json
-from .folder import split_override
+from ..overrides import split_override
 from .jobs import OBJECTIVE_KEYS
 from .plan import NOT_RUN
 

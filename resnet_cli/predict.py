@@ -21,6 +21,7 @@ from torch import nn
 from .config import ConfigError
 from .data import DataError
 from .data.transforms import Preprocess, device_batch
+from .errors import EXIT_FAILURE, first_line
 
 USAGE = """
 usage: resnet-predict checkpoint=PATH inputs=FILES_OR_FOLDERS [key=value ...]
@@ -103,8 +104,7 @@ def load_image(path: Path, channels: int) -> torch.Tensor:
             converted = img.convert(mode)
     except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
         # UnidentifiedImageError is an OSError; a mode PIL cannot convert is a ValueError
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ImageError(f"{path}: cannot be read as an image ({reason[:160]})") from None
+        raise ImageError(f"{path}: cannot be read as an image ({first_line(e, 160) or type(e).__name__})") from None
     t = torch.from_numpy(np.array(converted, dtype=np.uint8))
     return t[None] if t.ndim == 2 else t.permute(2, 0, 1).contiguous()
 
@@ -177,7 +177,8 @@ def show(results: list[dict[str, Any]], stream=None) -> None:
 
 # ---------------------------------------------------------------- the command
 
-def run(argv: list[str]) -> list[dict[str, Any]]:
+def run(argv: list[str]) -> tuple[list[dict[str, Any]], int]:
+    """(the predictions printed, how many inputs were skipped with a warning)."""
     from .checkpoint import load_checkpoint
     from .config import tta_hflip_on
     from .inference import as_device, as_precision, load_model, parse_args, require, resolve_checkpoint
@@ -220,14 +221,16 @@ def run(argv: list[str]) -> list[dict[str, Any]]:
         print(json.dumps(results, indent=2))
     else:
         show(results)
-    return results
+    return results, len(problems) + len(skipped)
 
 
 def main() -> None:
     from .cli import user_errors
 
     with user_errors():
-        run(sys.argv[1:])
+        _, skipped = run(sys.argv[1:])
+    if skipped:  # as cat and grep: the others are printed, and a script still learns that some were not
+        sys.exit(EXIT_FAILURE)
 
 
 if __name__ == "__main__":

@@ -482,3 +482,50 @@ def test_missing_files_with_download_off_advise_turning_it_on(tmp_path):
     with pytest.raises(DataError, match=r"and data.download=false; .* or allow data.download=true on a machine"):
         check_available("mnist", str(tmp_path), False)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_processes_opening_one_root_extract_it_one_at_a_time(real_data, tmp_path):
+    """torchrun's ranks and a parallel sweep's jobs open the data at once: while one process
+    holds the root, another waits for it (saying so) and then reads what the first wrote."""
+    import shutil
+    import subprocess
+    import sys
+    import time
+
+    from resnet_cli.data.sources import _one_writer
+
+    root = tmp_path / "root"
+    (root / "FashionMNIST" / "raw").mkdir(parents=True)
+    for gz in (real_data / "FashionMNIST" / "raw").glob("*.gz"):  # archives only: they get extracted
+        shutil.copy(gz, root / "FashionMNIST" / "raw" / gz.name)
+    code = ("import sys; from resnet_cli.data.sources import open_torchvision; "
+            f"train, test = open_torchvision('fashion_mnist', {str(root)!r}, False, {str(tmp_path / 'cache')!r}); "
+            "print(len(train), len(test))")
+    err = tmp_path / "stderr.txt"
+    with _one_writer(root.resolve()):
+        with open(err, "w") as stderr:
+            proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=stderr, text=True)
+        deadline = time.monotonic() + 120
+        while "waiting for it" not in err.read_text() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert "another process is writing dataset files into" in err.read_text(), err.read_text()
+        assert proc.poll() is None and not (root / "FashionMNIST" / "raw" / "train-images-idx3-ubyte").exists()
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err.read_text()
+    assert out.split() == ["60000", "10000"]
+
+
+def test_unreadable_extracted_files_are_one_line(tmp_path):
+    from resnet_cli.data.sources import open_torchvision
+
+    raw = tmp_path / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+                 "t10k-labels-idx1-ubyte"):
+        (raw / name).write_bytes(b"\x00\x00\x08\x03" + b"\x00" * 60)  # an IDX header, cut short
+    with pytest.raises(DataError) as e:
+        open_torchvision("fashion_mnist", tmp_path, False, tmp_path / "cache")
+    assert str(e.value).startswith(f"data.root={tmp_path}: the fashion_mnist files in FashionMNIST/raw/ cannot be "
+                                   "read (") and "\n" not in str(e.value)
+    assert sorted(p.name for p in raw.iterdir()) == sorted(["train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+                                                           "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"])

@@ -8,17 +8,20 @@ into a writable cache and extracted there, never into the root itself.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import re
 import shutil
+import sys
+import tempfile
 import urllib.error
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
-from ..errors import DataError
+from ..errors import DataError, first_line
 
 
 @dataclass(frozen=True)
@@ -96,29 +99,64 @@ def open_torchvision(name: str, root: str | os.PathLike, download: bool,
     cls = _torchvision_class(name)
     cache = Path(cache_dir).expanduser().resolve() if cache_dir else default_cache_dir()
     if _extracted(root, info):
-        use_root, fetch = root, False
-    elif _archived(root, info):
-        # torchvision's download() finds the archives, checks their MD5 and extracts them beside
-        # themselves (no network): in place if we may write there, else in the cache.
-        use_root = root if _writable((root / info.archives[0]).parent) else _mirror_archives(root, cache, info)
-        fetch = True
-    elif not download:
+        try:
+            return cls(str(root), train=True, download=False), cls(str(root), train=False, download=False)
+        except (OSError, RuntimeError, ValueError) as e:  # a truncated or foreign file: torch's reshape fails
+            raise DataError(f"data.root={root}: the {name} files in {info.folder}/ cannot be read "
+                            f"({type(e).__name__}: {first_line(e)}); remove them (the official archives can stay) and they are "
+                            "extracted or downloaded again") from None
+    archived = _archived(root, info)
+    if not archived and not download:
         raise _not_found(name, root, info, "and data.download=false", download)
-    else:
-        use_root, fetch = (root if _writable(root) else cache), True
-    new_paths = _not_yet_there(use_root, info) if fetch else []
-    try:
-        train = cls(str(use_root), train=True, download=fetch)
-        test = cls(str(use_root), train=False, download=fetch)
-    except BaseException as e:
-        # torchvision makes its folders before it downloads: a failed (or interrupted) attempt
-        # would leave empty folders, even a whole new root, and partial files behind.
-        _remove_new(new_paths)
-        if isinstance(e, (OSError, RuntimeError)):  # URLError is an OSError; MD5 and mirrors: RuntimeError
-            raise _not_found(name, root, info, f"and the download failed ({download_failure(e, cls)})",
-                             download) from None
-        raise
+    # torchvision's download() finds archives already there, checks their MD5 and extracts them
+    # beside themselves (no network): in place if we may write there, else in the cache (a
+    # read-only root's archives are mirrored there first).
+    target = root if _writable((root / info.archives[0]).parent if archived else root) else cache
+    with _one_writer(target):
+        use_root = _mirror_archives(root, cache, info) if archived and target == cache else target
+        new_paths = _not_yet_there(use_root, info)
+        try:
+            train = cls(str(use_root), train=True, download=True)
+            test = cls(str(use_root), train=False, download=True)
+        except BaseException as e:
+            # torchvision makes its folders before it downloads: a failed (or interrupted) attempt
+            # would leave empty folders, even a whole new root, and partial files behind.
+            _remove_new(new_paths)
+            if isinstance(e, (OSError, RuntimeError)):  # URLError is an OSError; MD5 and mirrors: RuntimeError
+                raise _not_found(name, root, info, f"and the download failed ({download_failure(e, cls)})",
+                                 download) from None
+            raise
     return train, test
+
+
+@contextlib.contextmanager
+def _one_writer(folder: Path) -> Iterator[None]:
+    """One process at a time downloads or extracts into `folder`. torchrun's ranks and a
+    parallel sweep's jobs all open the data at once; on a fresh machine each would write the
+    same files, and one could read another's half-written file. The lock is a file in the temp
+    folder named after `folder` (nothing is added to the data folder), held with flock, which
+    the OS releases if the process dies. Where flock is missing (Windows) there is no lock."""
+    try:
+        import fcntl
+    except ImportError:
+        fcntl = None
+    fd = None
+    if fcntl is not None:
+        key = hashlib.sha256(str(folder).encode()).hexdigest()[:16]
+        with contextlib.suppress(OSError):  # no temp folder to write in: go on unlocked, as before
+            fd = os.open(Path(tempfile.gettempdir()) / f"resnet-cli-data-{key}.lock", os.O_RDONLY | os.O_CREAT, 0o666)
+    try:
+        if fd is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                print(f"data: another process is writing dataset files into {folder}; waiting for it",
+                      file=sys.stderr, flush=True)
+                fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)  # releases the lock
 
 
 def _not_yet_there(root: Path, info: DatasetInfo) -> list[Path]:

@@ -39,7 +39,7 @@ Print the most likely classes for each image.
   tta_hflip=null        null: as the training run scored (trainer.tta_hflip); true: average each
                         image's probabilities with its mirror image's; false: one view
 
-Files that cannot be read are reported on stderr and skipped.
+Files that cannot be read are reported on stderr and skipped (exit code 1 after the others).
 """
 
 PATH_KEYS = ("checkpoint", "inputs")
@@ -229,7 +229,7 @@ def main() -> None:
 
     with user_errors():
         _, skipped = run(sys.argv[1:])
-    if skipped:  # as cat and grep: the others are printed, and a script still learns that some were not
+    if skipped:  # as cat and cp: the others are printed, and a script still learns that some were not
         sys.exit(EXIT_FAILURE)
 
 

@@ -484,35 +484,92 @@ def test_missing_files_with_download_off_advise_turning_it_on(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_processes_opening_one_root_extract_it_one_at_a_time(real_data, tmp_path):
+def test_processes_opening_one_root_extract_it_one_at_a_time(real_data, tmp_path, monkeypatch):
     """torchrun's ranks and a parallel sweep's jobs open the data at once: while one process
     holds the root, another waits for it (saying so) and then reads what the first wrote."""
+    import os
     import shutil
     import subprocess
     import sys
+    import tempfile
     import time
 
+    pytest.importorskip("fcntl", reason="the lock is flock's (POSIX)")
     from resnet_cli.data.sources import _one_writer
 
     root = tmp_path / "root"
     (root / "FashionMNIST" / "raw").mkdir(parents=True)
     for gz in (real_data / "FashionMNIST" / "raw").glob("*.gz"):  # archives only: they get extracted
         shutil.copy(gz, root / "FashionMNIST" / "raw" / gz.name)
-    code = ("import sys; from resnet_cli.data.sources import open_torchvision; "
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))  # the lock files: here, for both processes
+    code = ("from resnet_cli.data.sources import open_torchvision; "
             f"train, test = open_torchvision('fashion_mnist', {str(root)!r}, False, {str(tmp_path / 'cache')!r}); "
             "print(len(train), len(test))")
     err = tmp_path / "stderr.txt"
-    with _one_writer(root.resolve()):
-        with open(err, "w") as stderr:
-            proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=stderr, text=True)
-        deadline = time.monotonic() + 120
-        while "waiting for it" not in err.read_text() and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert "another process is writing dataset files into" in err.read_text(), err.read_text()
-        assert proc.poll() is None and not (root / "FashionMNIST" / "raw" / "train-images-idx3-ubyte").exists()
-    out, _ = proc.communicate(timeout=300)
+    proc = None
+    try:
+        with _one_writer(root.resolve()):
+            with open(err, "w") as stderr:
+                proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=stderr, text=True,
+                                        env={**os.environ, "TMPDIR": str(tmp_path / "tmp")})
+            deadline = time.monotonic() + 120
+            while "waiting for it" not in err.read_text() and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert "another process is writing dataset files into" in err.read_text(), err.read_text()
+            assert proc.poll() is None and not (root / "FashionMNIST" / "raw" / "train-images-idx3-ubyte").exists()
+        out, _ = proc.communicate(timeout=300)
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
     assert proc.returncode == 0, err.read_text()
     assert out.split() == ["60000", "10000"]
+
+
+def test_a_file_read_while_another_process_writes_it_is_read_again_after(real_data, tmp_path, monkeypatch):
+    """Files already there are read without the lock; one cut short (another process still
+    extracting it) is read again once that process is done, not called unreadable."""
+    import gzip
+    import os
+    import subprocess
+    import sys
+    import tempfile
+    import time
+
+    pytest.importorskip("fcntl", reason="the lock is flock's (POSIX)")
+    from resnet_cli.data.sources import _one_writer
+
+    raw = tmp_path / "root" / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    for gz in (real_data / "FashionMNIST" / "raw").glob("*.gz"):
+        (raw / gz.stem).write_bytes(gzip.decompress(gz.read_bytes()))
+    whole = (raw / "t10k-labels-idx1-ubyte").read_bytes()
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    code = ("from resnet_cli.data.sources import open_torchvision; "
+            f"train, test = open_torchvision('fashion_mnist', {str(raw.parent.parent)!r}, False, "
+            f"{str(tmp_path / 'cache')!r}); print(len(train), len(test), int(test.targets.sum()))")
+    err = tmp_path / "stderr.txt"
+    proc = None
+    try:
+        with _one_writer(raw.parent.parent.resolve()):  # the writer, halfway through the last file
+            (raw / "t10k-labels-idx1-ubyte").write_bytes(whole[:5000])
+            with open(err, "w") as stderr:
+                proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=stderr, text=True,
+                                        env={**os.environ, "TMPDIR": str(tmp_path / "tmp")})
+            deadline = time.monotonic() + 120
+            while "waiting for it" not in err.read_text() and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert "waiting for it" in err.read_text(), err.read_text()
+            (raw / "t10k-labels-idx1-ubyte").write_bytes(whole)  # done
+        out, _ = proc.communicate(timeout=300)
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err.read_text()
+    assert out.split() == ["60000", "10000", "45000"]  # 1,000 test images per class: sum of labels 0..9
 
 
 def test_unreadable_extracted_files_are_one_line(tmp_path):
@@ -525,7 +582,7 @@ def test_unreadable_extracted_files_are_one_line(tmp_path):
         (raw / name).write_bytes(b"\x00\x00\x08\x03" + b"\x00" * 60)  # an IDX header, cut short
     with pytest.raises(DataError) as e:
         open_torchvision("fashion_mnist", tmp_path, False, tmp_path / "cache")
-    assert str(e.value).startswith(f"data.root={tmp_path}: the fashion_mnist files in FashionMNIST/raw/ cannot be "
-                                   "read (") and "\n" not in str(e.value)
+    assert str(e.value).startswith(f"data.root={tmp_path}: the fashion_mnist files in {raw}/ cannot be read (") \
+        and "remove them" in str(e.value) and "\n" not in str(e.value)
     assert sorted(p.name for p in raw.iterdir()) == sorted(["train-images-idx3-ubyte", "train-labels-idx1-ubyte",
                                                            "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"])

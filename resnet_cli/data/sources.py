@@ -97,14 +97,9 @@ def open_torchvision(name: str, root: str | os.PathLike, download: bool,
     info = DATASETS[name]
     root = Path(root).expanduser().resolve()
     cls = _torchvision_class(name)
-    cache = Path(cache_dir).expanduser().resolve() if cache_dir else default_cache_dir()
+    cache = Path(cache_dir).expanduser().resolve() if cache_dir else default_cache_dir().resolve()
     if _extracted(root, info):
-        try:
-            return cls(str(root), train=True, download=False), cls(str(root), train=False, download=False)
-        except (OSError, RuntimeError, ValueError) as e:  # a truncated or foreign file: torch's reshape fails
-            raise DataError(f"data.root={root}: the {name} files in {info.folder}/ cannot be read "
-                            f"({type(e).__name__}: {first_line(e)}); remove them (the official archives can stay) and they are "
-                            "extracted or downloaded again") from None
+        return _open_extracted(cls, root, root, name, info)
     archived = _archived(root, info)
     if not archived and not download:
         raise _not_found(name, root, info, "and data.download=false", download)
@@ -112,6 +107,8 @@ def open_torchvision(name: str, root: str | os.PathLike, download: bool,
     # beside themselves (no network): in place if we may write there, else in the cache (a
     # read-only root's archives are mirrored there first).
     target = root if _writable((root / info.archives[0]).parent if archived else root) else cache
+    if target == cache and _extracted(cache, info):  # extracted by an earlier run
+        return _open_extracted(cls, cache, root, name, info)
     with _one_writer(target):
         use_root = _mirror_archives(root, cache, info) if archived and target == cache else target
         new_paths = _not_yet_there(use_root, info)
@@ -129,22 +126,72 @@ def open_torchvision(name: str, root: str | os.PathLike, download: bool,
     return train, test
 
 
+# What torchvision's readers raise for a file cut short or not of its format: torch's reshape
+# (RuntimeError), its header checks (AssertionError; KeyError under python -O), a wrong type
+# byte (TypeError), an unreadable file (OSError).
+_UNREADABLE = (OSError, RuntimeError, ValueError, AssertionError, KeyError, TypeError)
+
+
+def _open_extracted(cls: Any, folder: Path, root: Path, name: str, info: DatasetInfo) -> tuple[Any, Any]:
+    """Both splits from files already extracted in `folder`, read without the lock. A file that
+    fails may be one another process is still writing (torchvision writes them in place): read
+    again once that process is done, and only then call them unreadable."""
+    def read() -> tuple[Any, Any]:
+        return cls(str(folder), train=True, download=False), cls(str(folder), train=False, download=False)
+
+    try:
+        return read()
+    except _UNREADABLE:
+        pass
+    with _one_writer(folder):
+        try:
+            return read()
+        except PermissionError as e:
+            raise DataError(f"data.root={root}: cannot read {e.filename or folder} (permission denied)") from None
+        except _UNREADABLE as e:
+            raise DataError(f"data.root={root}: the {name} files in {folder / info.folder}/ cannot be read "
+                            f"({type(e).__name__}: {first_line(e)}); remove them (the official archives can stay) "
+                            "and they are extracted or downloaded again") from None
+
+
+def _lock_file(folder: Path) -> int | None:
+    """An open descriptor of the lock file for `folder` in the temp folder, made readable and
+    writable by all so that users sharing a data folder share its lock; None if it cannot be
+    had (the caller goes on unlocked, as before locks existed)."""
+    path = Path(tempfile.gettempdir()) / f"resnet-cli-data-{hashlib.sha256(str(folder).encode()).hexdigest()[:16]}.lock"
+    for _ in range(3):
+        try:  # an existing file without O_CREAT: fs.protected_regular refuses O_CREAT on another user's
+            return os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            pass
+        except OSError:
+            return None
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:  # made by another process meanwhile: open that one
+            continue
+        except OSError:
+            return None
+        with contextlib.suppress(OSError):
+            os.fchmod(fd, 0o666)  # past the umask
+        return fd
+    return None
+
+
 @contextlib.contextmanager
 def _one_writer(folder: Path) -> Iterator[None]:
     """One process at a time downloads or extracts into `folder`. torchrun's ranks and a
     parallel sweep's jobs all open the data at once; on a fresh machine each would write the
     same files, and one could read another's half-written file. The lock is a file in the temp
     folder named after `folder` (nothing is added to the data folder), held with flock, which
-    the OS releases if the process dies. Where flock is missing (Windows) there is no lock."""
+    the OS releases if the process dies. It excludes processes of one machine that share a
+    temp folder; where flock is missing (Windows) or refused (some network file systems),
+    there is no lock."""
     try:
         import fcntl
     except ImportError:
         fcntl = None
-    fd = None
-    if fcntl is not None:
-        key = hashlib.sha256(str(folder).encode()).hexdigest()[:16]
-        with contextlib.suppress(OSError):  # no temp folder to write in: go on unlocked, as before
-            fd = os.open(Path(tempfile.gettempdir()) / f"resnet-cli-data-{key}.lock", os.O_RDONLY | os.O_CREAT, 0o666)
+    fd = _lock_file(folder) if fcntl is not None else None
     try:
         if fd is not None:
             try:
@@ -153,6 +200,8 @@ def _one_writer(folder: Path) -> Iterator[None]:
                 print(f"data: another process is writing dataset files into {folder}; waiting for it",
                       file=sys.stderr, flush=True)
                 fcntl.flock(fd, fcntl.LOCK_EX)
+            except OSError:  # ENOLCK, EOPNOTSUPP: a temp folder on a file system without flock
+                pass
         yield
     finally:
         if fd is not None:

@@ -484,11 +484,11 @@ def test_missing_files_with_download_off_advise_turning_it_on(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_processes_opening_one_root_extract_it_one_at_a_time(real_data, tmp_path, monkeypatch):
-    """torchrun's ranks and a parallel sweep's jobs open the data at once: while one process
-    holds the root, another waits for it (saying so) and then reads what the first wrote."""
+def _open_beside_a_writer(root, tmp_path, monkeypatch, while_waiting) -> str:
+    """Open ROOT's Fashion-MNIST in a child process while this process holds ROOT's lock as a
+    writer would: the child must say that it waits; then `while_waiting()` runs, the lock is
+    released, and the child's stdout (`len(train) len(test) sum of test labels`) is returned."""
     import os
-    import shutil
     import subprocess
     import sys
     import tempfile
@@ -497,15 +497,11 @@ def test_processes_opening_one_root_extract_it_one_at_a_time(real_data, tmp_path
     pytest.importorskip("fcntl", reason="the lock is flock's (POSIX)")
     from resnet_cli.data.sources import _one_writer
 
-    root = tmp_path / "root"
-    (root / "FashionMNIST" / "raw").mkdir(parents=True)
-    for gz in (real_data / "FashionMNIST" / "raw").glob("*.gz"):  # archives only: they get extracted
-        shutil.copy(gz, root / "FashionMNIST" / "raw" / gz.name)
     (tmp_path / "tmp").mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))  # the lock files: here, for both processes
     code = ("from resnet_cli.data.sources import open_torchvision; "
             f"train, test = open_torchvision('fashion_mnist', {str(root)!r}, False, {str(tmp_path / 'cache')!r}); "
-            "print(len(train), len(test))")
+            "print(len(train), len(test), int(test.targets.sum()))")
     err = tmp_path / "stderr.txt"
     proc = None
     try:
@@ -516,60 +512,49 @@ def test_processes_opening_one_root_extract_it_one_at_a_time(real_data, tmp_path
             deadline = time.monotonic() + 120
             while "waiting for it" not in err.read_text() and proc.poll() is None and time.monotonic() < deadline:
                 time.sleep(0.2)
-            assert "another process is writing dataset files into" in err.read_text(), err.read_text()
-            assert proc.poll() is None and not (root / "FashionMNIST" / "raw" / "train-images-idx3-ubyte").exists()
+            assert f"another process is writing dataset files into {root}; waiting" in err.read_text(), err.read_text()
+            assert proc.poll() is None
+            while_waiting()
         out, _ = proc.communicate(timeout=300)
     finally:
         if proc is not None and proc.poll() is None:
             proc.kill()
             proc.wait()
     assert proc.returncode == 0, err.read_text()
-    assert out.split() == ["60000", "10000"]
+    return out
+
+
+def test_processes_opening_one_root_extract_it_one_at_a_time(real_data, tmp_path, monkeypatch):
+    """torchrun's ranks and a parallel sweep's jobs open the data at once: while one process
+    holds the root, another waits for it (saying so) and then reads what the first wrote."""
+    import shutil
+
+    raw = tmp_path / "root" / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    for gz in (real_data / "FashionMNIST" / "raw").glob("*.gz"):  # archives only: they get extracted
+        shutil.copy(gz, raw / gz.name)
+
+    def nothing_extracted_yet():
+        assert not (raw / "train-images-idx3-ubyte").exists()
+
+    out = _open_beside_a_writer(tmp_path / "root", tmp_path, monkeypatch, nothing_extracted_yet)
+    assert out.split() == ["60000", "10000", "45000"]  # 1,000 test images per class: labels 0..9 sum to 45,000
 
 
 def test_a_file_read_while_another_process_writes_it_is_read_again_after(real_data, tmp_path, monkeypatch):
     """Files already there are read without the lock; one cut short (another process still
     extracting it) is read again once that process is done, not called unreadable."""
     import gzip
-    import os
-    import subprocess
-    import sys
-    import tempfile
-    import time
-
-    pytest.importorskip("fcntl", reason="the lock is flock's (POSIX)")
-    from resnet_cli.data.sources import _one_writer
 
     raw = tmp_path / "root" / "FashionMNIST" / "raw"
     raw.mkdir(parents=True)
     for gz in (real_data / "FashionMNIST" / "raw").glob("*.gz"):
         (raw / gz.stem).write_bytes(gzip.decompress(gz.read_bytes()))
     whole = (raw / "t10k-labels-idx1-ubyte").read_bytes()
-    (tmp_path / "tmp").mkdir()
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
-    code = ("from resnet_cli.data.sources import open_torchvision; "
-            f"train, test = open_torchvision('fashion_mnist', {str(raw.parent.parent)!r}, False, "
-            f"{str(tmp_path / 'cache')!r}); print(len(train), len(test), int(test.targets.sum()))")
-    err = tmp_path / "stderr.txt"
-    proc = None
-    try:
-        with _one_writer(raw.parent.parent.resolve()):  # the writer, halfway through the last file
-            (raw / "t10k-labels-idx1-ubyte").write_bytes(whole[:5000])
-            with open(err, "w") as stderr:
-                proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=stderr, text=True,
-                                        env={**os.environ, "TMPDIR": str(tmp_path / "tmp")})
-            deadline = time.monotonic() + 120
-            while "waiting for it" not in err.read_text() and proc.poll() is None and time.monotonic() < deadline:
-                time.sleep(0.2)
-            assert "waiting for it" in err.read_text(), err.read_text()
-            (raw / "t10k-labels-idx1-ubyte").write_bytes(whole)  # done
-        out, _ = proc.communicate(timeout=300)
-    finally:
-        if proc is not None and proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 0, err.read_text()
-    assert out.split() == ["60000", "10000", "45000"]  # 1,000 test images per class: sum of labels 0..9
+    (raw / "t10k-labels-idx1-ubyte").write_bytes(whole[:5000])  # the writer, halfway through the last file
+    out = _open_beside_a_writer(tmp_path / "root", tmp_path, monkeypatch,
+                                lambda: (raw / "t10k-labels-idx1-ubyte").write_bytes(whole))
+    assert out.split() == ["60000", "10000", "45000"]
 
 
 def test_unreadable_extracted_files_are_one_line(tmp_path):

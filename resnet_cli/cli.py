@@ -118,7 +118,7 @@ def _choice(group: str, overrides: list[str]) -> str | None:
     cannot be read from the files (a user's own configs)."""
     from .paths import config_dir
 
-    typed = dict(o.lstrip("+").split("=", 1) for o in overrides if "=" in o and not o.startswith("~"))
+    typed = dict(split_override(o) for o in overrides if "=" in o and not o.startswith("~"))
     if group in typed:
         return typed[group]
     sources = [config_dir() / "experiment" / f"{typed['experiment']}.yaml"] if "experiment" in typed else []

@@ -29,6 +29,11 @@ class DataError(RuntimeError):
     """Data that cannot be found or read; the message says where and what to do."""
 
 
+class ImageError(DataError):
+    """An image file that cannot be decoded; the message names it. resnet-predict skips the
+    file; a run reading an image folder stops on it, as a run failure."""
+
+
 class CheckpointError(RuntimeError):
     """A checkpoint that is missing, unreadable or not ours; the message names the file."""
 
@@ -48,7 +53,7 @@ class NonFiniteLoss(RuntimeError):
 
 KNOWN_ERRORS = (ConfigError, ModelConfigError, DataError, CheckpointError, OutputError, NonFiniteLoss)
 # Raised while running rather than at the door: a failure (1), not a usage error (2).
-RUN_FAILURES = (OutputError, NonFiniteLoss)
+RUN_FAILURES = (OutputError, NonFiniteLoss, ImageError)
 
 
 def known_error_types() -> tuple[type[BaseException], ...]:

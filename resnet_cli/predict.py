@@ -20,8 +20,9 @@ from torch import nn
 
 from .config import ConfigError
 from .data import DataError
+from .data.images import MODES, ImageError, read_image
 from .data.transforms import Preprocess, device_batch
-from .errors import EXIT_FAILURE, first_line
+from .errors import EXIT_FAILURE
 
 USAGE = """
 usage: resnet-predict checkpoint=PATH inputs=FILES_OR_FOLDERS [key=value ...]
@@ -45,8 +46,6 @@ Files that cannot be read are reported on stderr and skipped (exit code 1 after 
 PATH_KEYS = ("checkpoint", "inputs")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 FORMATS = ("table", "json")
-# The PIL mode that gives the checkpoint's channel count (ITU-R 601-2 luma for grayscale).
-MODES = {1: "L", 3: "RGB"}
 
 
 @dataclass
@@ -59,10 +58,6 @@ class PredictConfig:
     precision: Optional[str] = None
     batch_size: int = 64
     tta_hflip: Optional[bool] = None  # null: what the training run's evaluation did
-
-
-class ImageError(ValueError):
-    """One file that cannot be used; the message names it. Skipped, not fatal."""
 
 
 # ---------------------------------------------------------------- finding and reading images
@@ -92,20 +87,14 @@ def find_images(inputs: Sequence[str]) -> tuple[list[Path], list[tuple[str, str]
 
 
 def load_image(path: Path, channels: int) -> torch.Tensor:
-    """uint8 C x H x W with the model's channel count. Raises ImageError."""
+    """uint8 C x H x W with the model's channel count, read as training on an image folder
+    reads it. Raises ImageError (the caller skips the file)."""
     import numpy as np
-    from PIL import Image
 
     mode = MODES.get(channels)
     if mode is None:
         raise ConfigError(f"checkpoint: {channels}-channel input; prediction from image files supports 1 or 3")
-    try:
-        with Image.open(path) as img:  # the first frame of an animated GIF or multi-page TIFF
-            converted = img.convert(mode)
-    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
-        # UnidentifiedImageError is an OSError; a mode PIL cannot convert is a ValueError
-        raise ImageError(f"{path}: cannot be read as an image ({first_line(e, 160) or type(e).__name__})") from None
-    t = torch.from_numpy(np.array(converted, dtype=np.uint8))
+    t = torch.from_numpy(np.array(read_image(path, mode), dtype=np.uint8))
     return t[None] if t.ndim == 2 else t.permute(2, 0, 1).contiguous()
 
 

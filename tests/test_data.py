@@ -363,6 +363,43 @@ def test_bad_image_folders_are_one_line_errors(tmp_path):
         load_data(_folder_cfg(root), 2, 4, 0, CPU)
 
 
+def test_sixteen_bit_images_read_as_their_8_bit_twins_not_clipped(tmp_path):
+    """PIL's convert("L") clips a 16-bit PNG to almost all white; the folder reader scales it."""
+    import numpy as np
+    from PIL import Image
+
+    roots = {}
+    for bits in (8, 16):
+        root = roots[bits] = _image_folder(tmp_path / f"b{bits}", {"cat": 1, "dog": 1}, {"cat": 2, "dog": 2})
+        for i, f in enumerate(sorted((root / "val").rglob("*.png"))):
+            ramp = (np.arange(8 * 8).reshape(8, 8) * 4 + i) % 256
+            Image.fromarray(ramp.astype(np.uint8) if bits == 8 else (ramp * 257).astype(np.uint16)).save(f)
+    assert Image.open(next((roots[16] / "val").rglob("*.png"))).mode == "I;16"
+    batches = {bits: [x for x, _ in load_data(_folder_cfg(root, "data.channels=1", "data.normalize=false"), 2, 4, 0, CPU).test.batches()]
+               for bits, root in roots.items()}
+    assert all(torch.equal(a, b) for a, b in zip(*batches.values(), strict=True))
+    assert batches[8][0].std() > 0.2  # a ramp, not a flat white image
+
+
+def test_an_unreadable_image_stops_the_run_naming_the_file(tmp_path, monkeypatch, capfd):
+    """Found mid-epoch (reading every file first would cost a pass over the folder): one line
+    naming the file, also from a DataLoader worker, and a run failure (1), not a traceback."""
+    from conftest import call_main
+
+    from resnet_cli.train import main
+
+    root = _image_folder(tmp_path / "images", {"cat": 4, "dog": 4}, {"cat": 2, "dog": 2})
+    (root / "train" / "dog" / "2.png").write_bytes(b"not a png")
+    monkeypatch.chdir(tmp_path)
+    for workers in (0, 1):
+        code, _, err = call_main(main, "resnet-train", [
+            "data=imagefolder", f"data.root={root}", "data.resize=8", f"data.num_workers={workers}", "model=resnet20",
+            "model.layers=[1,1,1]", "batch_size=4", "epochs=1", "trainer.progress=none",
+            f"hydra.run.dir={tmp_path / f'run{workers}'}"], monkeypatch, capfd)
+        assert code == 1 and err.count("\n") == 1, err
+        assert err.startswith(f"error: {root / 'train' / 'dog' / '2.png'}: cannot be read as an image ("), err
+
+
 def test_too_few_training_images_for_a_batch_are_refused(tmp_path, monkeypatch, capfd):
     """One image makes no batch (BatchNorm needs two); before, the run 'trained' 0 steps and exited 0."""
     from conftest import call_main

@@ -139,6 +139,24 @@ def test_load_image_converts_modes(tmp_path):
         load_image(tmp_path / "x.jpg", 1)
 
 
+def test_deep_images_are_scaled_or_named_never_clipped(tmp_path):
+    """PIL's convert clips a 16-bit PNG to 255 wherever it is above 255 (almost all white)."""
+    import numpy as np
+
+    from resnet_cli.predict import ImageError, load_image
+
+    ramp = np.arange(256, dtype=np.uint16).reshape(16, 16)
+    Image.fromarray(ramp * 257).save(tmp_path / "deep.png")
+    assert Image.open(tmp_path / "deep.png").mode == "I;16"
+    assert load_image(tmp_path / "deep.png", 1)[0].tolist() == ramp.tolist()
+    assert load_image(tmp_path / "deep.png", 3).tolist() == [ramp.tolist()] * 3
+    Image.fromarray(ramp.astype(np.float32)).save(tmp_path / "float.tif")  # 32-bit, values that fit 8 bits
+    assert load_image(tmp_path / "float.tif", 1)[0].tolist() == ramp.tolist()
+    Image.fromarray(ramp.astype(np.int32) * 1000).save(tmp_path / "wide.tif")  # no range to scale from
+    with pytest.raises(ImageError, match=r"wide.tif: a 32-bit integer image with values 0 to 255000; .* 8- and 16-bit"):
+        load_image(tmp_path / "wide.tif", 1)
+
+
 def test_no_images_found_subprocess(run_dir, tmp_path):
     (tmp_path / "empty").mkdir()
     proc = run_cli("resnet-predict", f"checkpoint={run_dir}", f"inputs={tmp_path / 'empty'}")

@@ -13,6 +13,7 @@ from torch.utils.data import Subset
 
 from ..errors import first_line
 from .batches import DeviceBatches, EpochOrder, LoaderBatches, default_workers
+from .images import image_loader
 from .sources import DATASETS, DataError, as_uint8_nchw, check_available, open_torchvision, synthetic
 from .transforms import Preprocess, device_batch, sample_transform
 
@@ -184,10 +185,11 @@ def _image_folders(cfg: Mapping[str, Any]):
 
     check_available("imagefolder", cfg["root"], False)
     root = Path(cfg["root"]).expanduser().resolve()
+    channels = int(cfg.get("channels") or 3)
     folders = []
     for split in ("train", "val"):
         try:
-            folders.append(ImageFolder(str(root / split)))
+            folders.append(ImageFolder(str(root / split), loader=image_loader(channels)))
         except (FileNotFoundError, RuntimeError) as e:  # a class folder without images, or no class folders
             first = first_line(e)
             raise DataError(f"data.root={root}: {split}/: {first}") from None
@@ -196,4 +198,4 @@ def _image_folders(cfg: Mapping[str, Any]):
         only_train, only_val = sorted(set(train.classes) - set(test.classes)), sorted(set(test.classes) - set(train.classes))
         raise DataError(f"data.root={root}: train/ and val/ have different class folders (only in train/: "
                         f"{', '.join(only_train) or '-'}; only in val/: {', '.join(only_val) or '-'})")
-    return train, test, list(train.classes), int(cfg.get("channels") or 3)
+    return train, test, list(train.classes), channels

@@ -12,6 +12,8 @@ from typing import Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from ..errors import DataError
+from .images import worker_error
 from .transforms import Preprocess, device_batch
 
 
@@ -137,11 +139,14 @@ class LoaderBatches:
     def batches(self, epoch: int = 0, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         self.sampler.epoch, self.sampler.start = epoch, start
         remaining = len(self) - start
-        for x, y in self.loader:
-            if remaining <= 0:  # a dropped batch of one
-                break
-            remaining -= 1
-            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        try:
+            for x, y in self.loader:
+                if remaining <= 0:  # a dropped batch of one
+                    break
+                remaining -= 1
+                yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        except DataError as e:  # an unreadable image, raised in a worker: its own line, not the worker's traceback
+            raise worker_error(e) from None
 
 
 def default_workers() -> int:

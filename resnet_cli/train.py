@@ -340,7 +340,8 @@ def _train(cfg: dict[str, Any], run_dir: Path, dinfo: DistInfo, stop: StopSignal
     if ncls < data.num_classes:
         raise ModelConfigError(f"model.num_classes={ncls}: the data has {data.num_classes} classes "
                                f"({cfg['data']['name']}); set at least {data.num_classes} or null (from the data)")
-    stage_sizes(spec, in_ch, data.prep.size)  # fails early, naming the stage, if the input is too small
+    shapes = stage_sizes(spec, in_ch, data.prep.size)  # fails early, naming the stage, if the input is too small
+    _check_single_image_batches(shapes, cfg["batch_size"], cfg["model"].get("freeze"), spec.name, data.prep.size)
     core = build_model(spec, in_channels=in_ch, num_classes=ncls)
     finetune.init_model(core, cfg["model"], resuming=resume_ckpt is not None)  # model.init_from, model.freeze
     core = core.to(device)
@@ -442,6 +443,20 @@ def _train(cfg: dict[str, Any], run_dir: Path, dinfo: DistInfo, stop: StopSignal
                      results["final_test_acc"] if tr.history else nan, run_dir)
         log.info(time_line(results["time_s"]))
     return results
+
+
+def _check_single_image_batches(shapes: list, batch_size: int, frozen: list | None, model: str, size: int) -> None:
+    """BatchNorm in training needs more than one value per channel: a batch of one image is
+    fine while every trained stage's map is larger than 1x1, and a traceback from the first
+    step otherwise. batch_size is per process, under torchrun too. Frozen stages keep their
+    BatchNorm in eval mode, which needs nothing."""
+    if batch_size != 1:
+        return
+    flat = [name for name, (_, _, h, w) in shapes if h * w == 1 and name not in (frozen or [])]
+    if flat:
+        raise ConfigError(f"batch_size=1: at input size {size} {model}'s {flat[0]} output is 1x1, and BatchNorm "
+                          "needs more than one value per channel to train; use batch_size=2 or more, or a larger "
+                          "input (data.resize)")
 
 
 def _loop(tr: Trainer, clock: Clock, stop: StopSignals, precision: str, steps_per_epoch: int,

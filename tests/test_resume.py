@@ -521,6 +521,9 @@ BAD_COMMAND_LINES = [
     (["data.mean=[0.5]"], "data.mean=[0.5]: set data.mean and data.std together"),
     (["data=imagefolder", "data.channels=4"], "data.channels=4: choose 1 (grayscale) or 3 (RGB) for imagefolder"),
     (["model=plain20", "model.zero_init_residual=true"], "model.zero_init_residual=True: needs model.residual=true"),
+    # BatchNorm cannot train on one value per channel (a traceback from the first step)
+    (["batch_size=1", "model=resnet18"], "batch_size=1: at input size 28 resnet18's layer4 output is 1x1, and "
+                                         "BatchNorm needs more than one value per channel to train"),
     (["-m", "lr=0.1,-1"], "lr=-1"),
 ]
 

@@ -14,6 +14,7 @@ from omegaconf import OmegaConf
 
 from resnet_cli.checkpoint import load_checkpoint
 from resnet_cli.cli import compose
+from resnet_cli.config import ConfigError
 from resnet_cli.reporting import TIMING_FIELDS
 
 from conftest import call_main, run_cli
@@ -358,3 +359,17 @@ def test_cfg_job_prints_the_composed_config_and_runs_nothing(tmp_path, monkeypat
     assert code == 0, err
     assert "lr: 0.2" in out and "name: resnet20" in out
     assert not (tmp_path / "outputs").exists()
+
+
+def test_batches_of_one_image_are_refused_only_where_batchnorm_sees_a_1x1_map():
+    from resnet_cli.models import ModelSpec, stage_sizes
+    from resnet_cli.train import _check_single_image_batches as check
+
+    resnet18 = stage_sizes(ModelSpec(name="resnet18"), 1, 28)  # layer4: 1x1
+    resnet20 = stage_sizes(ModelSpec(name="resnet20", layers=[3, 3, 3], widths=[16, 32, 64], stem="cifar",
+                                     shortcut="identity"), 1, 28)  # 7x7 at the end
+    check(resnet20, 1, None, "resnet20", 28)
+    check(resnet18, 2, None, "resnet18", 28)
+    check(resnet18, 1, ["layer4"], "resnet18", 28)  # a frozen stage's BatchNorm is in eval mode
+    with pytest.raises(ConfigError, match=r"^batch_size=1: at input size 28 resnet18's layer4 output is 1x1"):
+        check(resnet18, 1, ["stem"], "resnet18", 28)

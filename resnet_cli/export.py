@@ -41,6 +41,9 @@ The model takes float32 N x C x H x W input, preprocessed as FILE.json says, and
 
 PATH_KEYS = ("checkpoint", "output")
 SUFFIXES = {"torchscript": ".torchscript.pt", "onnx": ".onnx", "export": ".pt2"}
+# Suffixes that say which format a file is in; other names (model.bin, no suffix) are the user's call.
+FORMAT_OF_SUFFIX = {".pt": "torchscript", ".pth": "torchscript", ".onnx": "onnx", ".pt2": "export"}
+FORMAT_NAMES = {"torchscript": "a TorchScript file", "onnx": "an ONNX model", "export": "a torch.export program"}
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
 LOAD = {"torchscript": "torch.jit.load(FILE)", "export": "torch.export.load(FILE).module()",
         "onnx": "onnxruntime.InferenceSession(FILE)"}
@@ -199,6 +202,11 @@ def output_path(output: str | None, ckpt_path: Path, fmt: str) -> Path:
     p = Path(output).expanduser()
     if p.is_dir() or output.endswith(("/", "\\")):
         p = p / default_name
+    suffix = p.suffix.lower()
+    if suffix in FORMAT_OF_SUFFIX and FORMAT_OF_SUFFIX[suffix] != fmt:  # a .pt file that is ONNX misleads every reader
+        right = p.with_suffix(SUFFIXES[fmt] if fmt != "torchscript" else ".pt").name
+        raise ConfigError(f"output={output}: a {suffix} name is for format={FORMAT_OF_SUFFIX[suffix]}; "
+                          f"format={fmt} writes {FORMAT_NAMES[fmt]}, so name it {right}")
     if p.exists() and p.resolve() == ckpt_path.resolve():
         raise ConfigError(f"output={output}: that is the checkpoint itself; choose another file")
     if p.exists() and not p.is_file():  # a device such as /dev/null would be replaced, not written to

@@ -78,7 +78,10 @@ def find_images(inputs: Sequence[str]) -> tuple[list[Path], list[tuple[str, str]
         for m in matches:
             p = Path(m).expanduser()
             if p.is_dir():
-                found += sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+                images = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+                if not images:  # as a pattern that matches nothing: asked for, and nothing came of it
+                    problems.append((m, f"a folder without image files ({', '.join(IMAGE_SUFFIXES)})"))
+                found += images
             elif p.is_file():
                 found.append(p)
             else:

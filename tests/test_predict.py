@@ -104,6 +104,20 @@ def test_topk_is_capped_and_unreadable_files_skipped(run_dir, image_dir, monkeyp
     assert "corrupt.png" in err and "missing.png" in err and "Traceback" not in err
 
 
+def test_a_folder_without_images_counts_as_skipped_like_a_pattern_without_matches(run_dir, image_dir, tmp_path,
+                                                                                  monkeypatch, capsys):
+    from resnet_cli.predict import main
+
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("no image")
+    for nothing in (tmp_path / "empty", tmp_path / "*.webp"):
+        code, out, err = call_main(main, "resnet-predict", [f"checkpoint={run_dir}", "format=json",
+                                                            f"inputs={image_dir / 'gray_2.png'},{nothing}"],
+                                   monkeypatch, capsys)
+        assert code == 1 and len(json.loads(out)) == 1, err
+        assert err.startswith(f"warning: {nothing}: ") and err.count("\n") == 1, err
+
+
 def test_flip_tta_averages_an_image_with_its_mirror_image(run_dir, image_dir, tmp_path, monkeypatch, capsys):
     # As resnet-eval scores: the mean of the two views' probabilities. The tiny run did not flip
     # images, so by default (null: as the run scored) predict takes one view.

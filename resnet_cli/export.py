@@ -204,7 +204,8 @@ def output_path(output: str | None, ckpt_path: Path, fmt: str) -> Path:
         p = p / default_name
     suffix = p.suffix.lower()
     if suffix in FORMAT_OF_SUFFIX and FORMAT_OF_SUFFIX[suffix] != fmt:  # a .pt file that is ONNX misleads every reader
-        right = p.with_suffix(SUFFIXES[fmt] if fmt != "torchscript" else ".pt").name
+        base = p.name[:-len(".torchscript.pt")] if p.name.lower().endswith(".torchscript.pt") else p.stem
+        right = base + (SUFFIXES[fmt] if fmt != "torchscript" else ".pt")
         raise ConfigError(f"output={output}: a {suffix} name is for format={FORMAT_OF_SUFFIX[suffix]}; "
                           f"format={fmt} writes {FORMAT_NAMES[fmt]}, so name it {right}")
     if p.exists() and p.resolve() == ckpt_path.resolve():

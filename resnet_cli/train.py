@@ -37,6 +37,7 @@ from .engine import (HOST_READ_EVERY, NonFiniteLoss, Running, StepContext, confi
                      train_one_epoch)
 from .errors import ModelConfigError
 from .models import build_model, stage_sizes
+from .models.blocks import PREACT_BLOCKS
 from .models.resnet import ModelSpec
 from .reporting import MetricsFile, epoch_line, epoch_progress, plot_curves, progress_mode
 from .trackers import Trackers, with_run_names
@@ -341,7 +342,9 @@ def _train(cfg: dict[str, Any], run_dir: Path, dinfo: DistInfo, stop: StopSignal
         raise ModelConfigError(f"model.num_classes={ncls}: the data has {data.num_classes} classes "
                                f"({cfg['data']['name']}); set at least {data.num_classes} or null (from the data)")
     shapes = stage_sizes(spec, in_ch, data.prep.size)  # fails early, naming the stage, if the input is too small
-    _check_single_image_batches(shapes, cfg["batch_size"], cfg["model"].get("freeze"), spec.name, data.prep.size)
+    synced = dinfo.world > 1 and tcfg["sync_batchnorm"] and device.type == "cuda"  # statistics over all ranks' images
+    if not synced:
+        _check_single_image_batches(shapes, cfg["batch_size"], cfg["model"].get("freeze"), spec, data.prep.size)
     core = build_model(spec, in_channels=in_ch, num_classes=ncls)
     finetune.init_model(core, cfg["model"], resuming=resume_ckpt is not None)  # model.init_from, model.freeze
     core = core.to(device)
@@ -445,16 +448,22 @@ def _train(cfg: dict[str, Any], run_dir: Path, dinfo: DistInfo, stop: StopSignal
     return results
 
 
-def _check_single_image_batches(shapes: list, batch_size: int, frozen: list | None, model: str, size: int) -> None:
+def _check_single_image_batches(shapes: list, batch_size: int, frozen: list | None, spec: ModelSpec,
+                                size: int) -> None:
     """BatchNorm in training needs more than one value per channel: a batch of one image is
     fine while every trained stage's map is larger than 1x1, and a traceback from the first
     step otherwise. batch_size is per process, under torchrun too. Frozen stages keep their
-    BatchNorm in eval mode, which needs nothing."""
+    BatchNorm in eval mode, which needs nothing; a pre-activation net's final BatchNorm (after
+    the last stage) belongs to no freezable part and always trains."""
     if batch_size != 1:
         return
     flat = [name for name, (_, _, h, w) in shapes if h * w == 1 and name not in (frozen or [])]
+    last_h, last_w = shapes[-1][1][2:]
+    if not flat and spec.block in PREACT_BLOCKS and last_h * last_w == 1:
+        flat = ["final BatchNorm's input"]
     if flat:
-        raise ConfigError(f"batch_size=1: at input size {size} {model}'s {flat[0]} output is 1x1, and BatchNorm "
+        where = flat[0] if flat[0].startswith("final") else f"{flat[0]} output"
+        raise ConfigError(f"batch_size=1: at input size {size} {spec.name}'s {where} is 1x1, and BatchNorm "
                           "needs more than one value per channel to train; use batch_size=2 or more, or a larger "
                           "input (data.resize)")
 

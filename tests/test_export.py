@@ -95,7 +95,7 @@ def test_unknown_format_subprocess(run_dir):
 
 
 @pytest.mark.parametrize("case", ["no_checkpoint_key", "missing", "corrupt", "over_checkpoint", "over_another_checkpoint",
-                                  "over_run_results", "unknown_key", "onnx_as_pt", "torchscript_as_onnx"])
+                                  "over_run_results", "unknown_key", "export_as_pt", "torchscript_as_onnx"])
 def test_bad_input_in_process(case, run_dir, tmp_path, monkeypatch, capsys):
     from resnet_cli.export import main
 
@@ -113,8 +113,9 @@ def test_bad_input_in_process(case, run_dir, tmp_path, monkeypatch, capsys):
                              ("results.json exists and is not an earlier export",)),
         "unknown_key": ([f"checkpoint={best}", "fromat=onnx"], ("fromat: unknown key", "did you mean format")),
         # a file's suffix is how people and tools tell formats apart
-        "onnx_as_pt": ([f"checkpoint={best}", "format=onnx", f"output={tmp_path / 'model.pt'}"],
-                       ("a .pt name is for format=torchscript; format=onnx writes an ONNX model, so name it model.onnx",)),
+        "export_as_pt": ([f"checkpoint={best}", "format=export", f"output={tmp_path / 'model.torchscript.pt'}"],
+                         ("a .pt name is for format=torchscript; format=export writes a torch.export program, so "
+                          "name it model.pt2",)),
         "torchscript_as_onnx": ([f"checkpoint={best}", f"output={tmp_path / 'm.onnx'}"],
                                 ("a .onnx name is for format=onnx;", "so name it m.pt")),
     }[case]

@@ -160,15 +160,21 @@ def test_deep_images_are_scaled_or_named_never_clipped(tmp_path):
     from resnet_cli.predict import ImageError, load_image
 
     ramp = np.arange(256, dtype=np.uint16).reshape(16, 16)
-    Image.fromarray(ramp * 257).save(tmp_path / "deep.png")
-    assert Image.open(tmp_path / "deep.png").mode == "I;16"
-    assert load_image(tmp_path / "deep.png", 1)[0].tolist() == ramp.tolist()
+    for name in ("deep.png", "deep.tif", "deep.pgm"):  # PIL opens the PGM as mode I, like a 32-bit image
+        Image.fromarray(ramp * 257).save(tmp_path / name)
+        assert load_image(tmp_path / name, 1)[0].tolist() == ramp.tolist(), name
     assert load_image(tmp_path / "deep.png", 3).tolist() == [ramp.tolist()] * 3
-    Image.fromarray(ramp.astype(np.float32)).save(tmp_path / "float.tif")  # 32-bit, values that fit 8 bits
+    Image.fromarray(ramp.astype(np.float32)).save(tmp_path / "float.tif")  # floats in 0..255: as they are
     assert load_image(tmp_path / "float.tif", 1)[0].tolist() == ramp.tolist()
+    Image.fromarray(ramp.astype(np.float32) / 255).save(tmp_path / "unit.tif")  # 0..1, the float convention
+    assert load_image(tmp_path / "unit.tif", 1)[0].tolist() == ramp.tolist()
     Image.fromarray(ramp.astype(np.int32) * 1000).save(tmp_path / "wide.tif")  # no range to scale from
-    with pytest.raises(ImageError, match=r"wide.tif: a 32-bit integer image with values 0 to 255000; .* 8- and 16-bit"):
+    with pytest.raises(ImageError, match=r"wide.tif: a 32-bit integer \(I;32S\) image with values 0 to 255000; .* "
+                                         r"8-bit, unsigned 16-bit and 0..1 float images"):
         load_image(tmp_path / "wide.tif", 1)
+    Image.fromarray(np.full((4, 4), np.nan, dtype=np.float32)).save(tmp_path / "nan.tif")
+    with pytest.raises(ImageError, match=r"nan.tif: a float image with NaN or infinite values"):
+        load_image(tmp_path / "nan.tif", 1)
 
 
 def test_no_images_found_subprocess(run_dir, tmp_path):

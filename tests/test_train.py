@@ -365,11 +365,16 @@ def test_batches_of_one_image_are_refused_only_where_batchnorm_sees_a_1x1_map():
     from resnet_cli.models import ModelSpec, stage_sizes
     from resnet_cli.train import _check_single_image_batches as check
 
-    resnet18 = stage_sizes(ModelSpec(name="resnet18"), 1, 28)  # layer4: 1x1
-    resnet20 = stage_sizes(ModelSpec(name="resnet20", layers=[3, 3, 3], widths=[16, 32, 64], stem="cifar",
-                                     shortcut="identity"), 1, 28)  # 7x7 at the end
-    check(resnet20, 1, None, "resnet20", 28)
-    check(resnet18, 2, None, "resnet18", 28)
-    check(resnet18, 1, ["layer4"], "resnet18", 28)  # a frozen stage's BatchNorm is in eval mode
+    spec18 = ModelSpec(name="resnet18")
+    spec20 = ModelSpec(name="resnet20", layers=[3, 3, 3], widths=[16, 32, 64], stem="cifar", shortcut="identity")
+    resnet18, resnet20 = stage_sizes(spec18, 1, 28), stage_sizes(spec20, 1, 28)  # 1x1 and 7x7 at the end
+    check(resnet20, 1, None, spec20, 28)
+    check(resnet18, 2, None, spec18, 28)
+    check(resnet18, 1, ["layer4"], spec18, 28)  # a frozen stage's BatchNorm is in eval mode
     with pytest.raises(ConfigError, match=r"^batch_size=1: at input size 28 resnet18's layer4 output is 1x1"):
-        check(resnet18, 1, ["stem"], "resnet18", 28)
+        check(resnet18, 1, ["stem"], spec18, 28)
+    # a pre-activation net ends on a BatchNorm outside every stage: frozen stages do not help
+    preact = ModelSpec(name="preact_resnet18", block="preact_basic")
+    with pytest.raises(ConfigError, match=r"^batch_size=1: at input size 28 preact_resnet18's final BatchNorm's input "
+                                          r"is 1x1"):
+        check(stage_sizes(preact, 1, 28), 1, ["stem", "layer1", "layer2", "layer3", "layer4"], preact, 28)

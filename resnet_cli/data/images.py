@@ -1,8 +1,10 @@
 """Reading one image file, the same way for training on an image folder and for resnet-predict.
 
 PIL's own `convert("L")` clips 16-bit images (a 16-bit PNG or TIFF comes out almost all
-white), so 16-bit grayscale is scaled to 8 bits here first; 32-bit integer and float images
-are read only when their values fit 8 bits, and named otherwise rather than clipped.
+white), so unsigned 16-bit grayscale is scaled to 8 bits here first, whichever mode PIL opens
+it in (`I;16`, or `I` for 16-bit PGM and for PNG before Pillow 10.3). Float images are read
+in 0..1 (the usual convention) or 0..255; other 32-bit images are read only when their values
+fit 8 bits, and named otherwise rather than clipped.
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ from ..errors import DataError, ImageError, first_line
 
 # The PIL mode that gives a model's channel count (ITU-R 601-2 luma for grayscale).
 MODES = {1: "L", 3: "RGB"}
-_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
 
 
 def read_image(path: str | os.PathLike, mode: str):
@@ -24,7 +25,7 @@ def read_image(path: str | os.PathLike, mode: str):
 
     try:
         with Image.open(path) as img:  # the first frame of an animated GIF or multi-page TIFF
-            return _to_8bit(img, path).convert(mode)
+            return _to_8bit(img, _stored_mode(img), path).convert(mode)
     except ImageError:
         raise
     except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
@@ -32,22 +33,38 @@ def read_image(path: str | os.PathLike, mode: str):
         raise ImageError(f"{path}: cannot be read as an image ({first_line(e, 160) or type(e).__name__})") from None
 
 
-def _to_8bit(img, path):
+def _stored_mode(img) -> str:
+    """How the pixels are stored in the file (PIL's raw mode, e.g. I;16B), read before decoding:
+    PIL opens a 16-bit PGM as mode I, the same mode as a 32-bit TIFF."""
+    try:
+        args = img.tile[0][3]
+        raw = args[0] if isinstance(args, tuple) else args
+    except (IndexError, TypeError, AttributeError):
+        return img.mode
+    return raw if isinstance(raw, str) else img.mode
+
+
+def _to_8bit(img, stored: str, path):
     import numpy as np
     from PIL import Image
 
-    if img.mode in _SIXTEEN_BIT:  # 0..65535 -> 0..255, rounded (65535 / 257 = 255)
-        values = np.asarray(img, dtype=np.float64)
-        return Image.fromarray(np.rint(values / 257.0).astype(np.uint8), "L")
-    if img.mode in ("I", "F"):  # 32-bit: no range to scale from; read as is only when it fits
-        values = np.asarray(img)
-        low, high = float(values.min()), float(values.max())
-        if low < 0 or high > 255:
-            kind = "integer" if img.mode == "I" else "float"
-            raise ImageError(f"{path}: a 32-bit {kind} image with values {low:g} to {high:g}; resnet-cli reads "
-                             "8- and 16-bit images, so save it as one")
-        return Image.fromarray(np.rint(values).astype(np.uint8), "L")
-    return img
+    unsigned_16 = img.mode.startswith("I;16") or (stored.startswith("I;16") and not stored.endswith("S"))
+    if img.mode.startswith("I") and unsigned_16:  # 0..65535 -> 0..255, rounded (65535 / 257 = 255)
+        return Image.fromarray(((np.asarray(img).astype(np.uint32) + 128) // 257).astype(np.uint8))
+    if img.mode not in ("I", "F"):
+        return img
+    values = np.asarray(img)
+    if img.mode == "F":
+        if not np.isfinite(values).all():
+            raise ImageError(f"{path}: a float image with NaN or infinite values")
+        if values.size and values.min() >= 0 and values.max() <= 1:  # the 0..1 convention of float images
+            values = values * 255
+    low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+    if low < 0 or high > 255:  # no range to scale from: refused rather than clipped
+        kind = "float" if img.mode == "F" else f"integer ({stored})"
+        raise ImageError(f"{path}: a 32-bit {kind} image with values {low:g} to {high:g}; resnet-cli reads 8-bit, "
+                         "unsigned 16-bit and 0..1 float images, so save it as one")
+    return Image.fromarray(np.rint(values).astype(np.uint8))
 
 
 def image_loader(channels: int) -> Callable:
@@ -61,6 +78,9 @@ def worker_error(e: DataError) -> DataError:
     lines = [line for line in str(e).splitlines() if line.strip()]
     if len(lines) < 2 or not lines[0].startswith("Caught "):
         return e
-    last = lines[-1]
-    original = last.split(": ", 1)[1] if ": " in last and last.split(": ", 1)[0].endswith("Error") else last
-    return type(e)(original)
+    # traceback's last line: "module.Type: message" (or "Type: message" for builtins)
+    last, kind = lines[-1], type(e)
+    for prefix in (f"{kind.__module__}.{kind.__qualname__}: ", f"{kind.__qualname__}: "):
+        if last.startswith(prefix):
+            return kind(last[len(prefix):])
+    return kind(last)

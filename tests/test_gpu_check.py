@@ -101,9 +101,9 @@ def test_screen_compares_recipes_on_the_validation_split(tmp_path):
     assert sorted(tuple(sorted(j["overrides"])) for j in jobs if j["sweep"] == "screen-lr-batch") == sorted(
         (f"batch_size={b}", f"lr={lr}") for lr in ("0.05", "0.1", "0.2") for b in (16, 8))
     assert sorted(j["overrides"][-1] for j in jobs if j["sweep"] == "screen-cifar-stem") == ["lr=0.05", "lr=0.1"]
-    assert [j["overrides"] for j in jobs if j["sweep"] in ("screen-crop4", "screen-smooth02")] in (
-        [["lr=0.1", "data.crop_padding=4"], ["lr=0.1", "trainer.label_smoothing=0.2"]],
-        [["lr=0.1", "trainer.label_smoothing=0.2"], ["lr=0.1", "data.crop_padding=4"]])
+    assert [j["overrides"] for j in jobs if j["sweep"] in ("screen-crop2", "screen-smooth02")] in (
+        [["lr=0.1", "data.crop_padding=2"], ["lr=0.1", "trainer.label_smoothing=0.2"]],
+        [["lr=0.1", "trainer.label_smoothing=0.2"], ["lr=0.1", "data.crop_padding=2"]])
     assert all(0 <= j["final_val_acc"] <= 1 and 0 <= j["final_test_acc"] <= 1 for j in jobs)
     vals = [j["final_val_acc"] for j in jobs]
     assert vals == sorted(vals, reverse=True) and numbers["chosen_by_final_val_acc"] == jobs[0]

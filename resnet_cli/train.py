@@ -457,13 +457,11 @@ def _check_single_image_batches(shapes: list, batch_size: int, frozen: list | No
     the last stage) belongs to no freezable part and always trains."""
     if batch_size != 1:
         return
-    flat = [name for name, (_, _, h, w) in shapes if h * w == 1 and name not in (frozen or [])]
-    last_h, last_w = shapes[-1][1][2:]
-    if not flat and spec.block in PREACT_BLOCKS and last_h * last_w == 1:
-        flat = ["final BatchNorm's input"]
+    flat = [f"{name} output" for name, (_, _, h, w) in shapes if h * w == 1 and name not in (frozen or [])]
+    if spec.block in PREACT_BLOCKS and shapes[-1][1][2:] == (1, 1):
+        flat.append("final BatchNorm's input")
     if flat:
-        where = flat[0] if flat[0].startswith("final") else f"{flat[0]} output"
-        raise ConfigError(f"batch_size=1: at input size {size} {spec.name}'s {where} is 1x1, and BatchNorm "
+        raise ConfigError(f"batch_size=1: at input size {size} {spec.name}'s {flat[0]} is 1x1, and BatchNorm "
                           "needs more than one value per channel to train; use batch_size=2 or more, or a larger "
                           "input (data.resize)")
 

@@ -26,8 +26,6 @@ def read_image(path: str | os.PathLike, mode: str):
     try:
         with Image.open(path) as img:  # the first frame of an animated GIF or multi-page TIFF
             return _to_8bit(img, _stored_mode(img), path).convert(mode)
-    except ImageError:
-        raise
     except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
         # UnidentifiedImageError is an OSError; a mode PIL cannot convert is a ValueError
         raise ImageError(f"{path}: cannot be read as an image ({first_line(e, 160) or type(e).__name__})") from None

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from resnet_cli.engine import Running, StepContext, evaluate, train_one_epoch
-from resnet_cli.train import _eta_hint, build_ema, time_to_acc
+from resnet_cli.train import _eta_hint, build_ema, eval_views_per_epoch, time_to_acc
 
 CPU = torch.device("cpu")
 
@@ -121,7 +121,7 @@ def test_time_to_accuracy_marks_the_first_epoch_that_reached_each_level():
 
 class _Run:
     def __init__(self, epochs: int, dataset: str):
-        self.cfg = {"epochs": epochs, "data": {"name": dataset}}
+        self.cfg = {"epochs": epochs, "batch_size": 256, "data": {"name": dataset}}
         self.eta_hint_given = False
 
 
@@ -130,14 +130,37 @@ def test_cpu_eta_hint_names_the_eta_and_the_cpu_recipe_once(caplog, epochs, expe
     tr = _Run(epochs, "fashion_mnist")
     run = Running(steps=10, train_seconds=20.0)  # 2 s a step, 235 steps an epoch
     with caplog.at_level(logging.WARNING, logger="resnet_cli"):
-        _eta_hint(tr, run, epoch=1, steps_per_epoch=235)
-        _eta_hint(tr, run, epoch=1, steps_per_epoch=235)
+        _eta_hint(tr, run, epoch=1, steps_per_epoch=235, eval_views=0)
+        _eta_hint(tr, run, epoch=1, steps_per_epoch=235, eval_views=0)
     lines = [r.getMessage() for r in caplog.records]
     if expect:
         assert len(lines) == 1 and "1 h 18 min" in lines[0] and "experiment=cpu" in lines[0]
     else:
         assert lines == []
     assert tr.eta_hint_given
+
+
+def test_cpu_eta_counts_each_epochs_evaluation(caplog):
+    """The default recipe's 10,000 test images with flip TTA, 20,000 forward passes an epoch, at
+    a third of a training image's cost each: 26 more steps' time per epoch (the hint once said
+    62 min for a run of 72)."""
+    run = Running(steps=10, train_seconds=20.0)  # 2 s a step of 256 images
+    with caplog.at_level(logging.WARNING, logger="resnet_cli"):
+        _eta_hint(_Run(10, "fashion_mnist"), run, epoch=1, steps_per_epoch=235, eval_views=20_000)
+    # (2,340 steps left + 10 x 20,000 / 3 / 256 = 260) x 2 s = 5,201 s
+    assert "1 h 26 min" in caplog.records[0].getMessage()
+
+
+@pytest.mark.parametrize("tta,ema,val,world,views", [
+    ("false", None, 0, 1, 10_000), ("auto", None, 0, 1, 20_000), ("true", 0.99, 5_000, 1, 60_000),
+    ("auto", None, 0, 2, 10_000)])
+def test_evaluation_views_per_epoch(tta, ema, val, world, views):
+    from types import SimpleNamespace
+
+    tr = SimpleNamespace(cfg={"trainer": {"tta_hflip": tta}, "data": {"hflip": True, "augment": "standard"}},
+                         ctx=SimpleNamespace(ema=ema), data=SimpleNamespace(num_test=10_000, num_val=val),
+                         dist=SimpleNamespace(world=world))
+    assert eval_views_per_epoch(tr) == views
 
 
 @pytest.fixture(scope="module")

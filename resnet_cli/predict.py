@@ -65,7 +65,9 @@ class PredictConfig:
 def find_images(inputs: Sequence[str]) -> tuple[list[Path], list[tuple[str, str]]]:
     """(image files, problems): files as given (any suffix: decoding decides), folders
     searched recursively for IMAGE_SUFFIXES in sorted order, glob patterns expanded.
-    Order is kept and repeats dropped."""
+    Order is kept and repeats dropped. A folder named without images is a problem; the folders
+    a pattern matches are judged with the pattern (`photos/**` matches every subfolder, and
+    one empty subfolder among them is no failure): only a pattern that yields nothing is."""
     found: list[Path] = []
     problems: list[tuple[str, str]] = []
     for item in inputs:
@@ -73,19 +75,22 @@ def find_images(inputs: Sequence[str]) -> tuple[list[Path], list[tuple[str, str]
         # A path that exists is taken as it is: `shot [1].png` is a file name, not a pattern.
         literal = os.path.exists(pattern) or not glob.has_magic(pattern)
         matches = [item] if literal else sorted(glob.glob(pattern, recursive=True))
-        if not matches:
-            problems.append((item, "matches no files"))
+        yielded = []
         for m in matches:
             p = Path(m).expanduser()
             if p.is_dir():
                 images = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
-                if not images:  # as a pattern that matches nothing: asked for, and nothing came of it
+                if not images and literal:  # as a pattern that matches nothing: asked for, and nothing came of it
                     problems.append((m, f"a folder without image files ({', '.join(IMAGE_SUFFIXES)})"))
-                found += images
+                yielded += images
             elif p.is_file():
-                found.append(p)
+                yielded.append(p)
             else:
                 problems.append((m, "no such file or folder"))
+        if not literal and not yielded:
+            problems.append((item, "matches no files" if not matches else
+                             f"matches no image files ({', '.join(IMAGE_SUFFIXES)})"))
+        found += yielded
     return list(dict.fromkeys(found)), problems
 
 

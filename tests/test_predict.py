@@ -118,6 +118,29 @@ def test_a_folder_without_images_counts_as_skipped_like_a_pattern_without_matche
         assert err.startswith(f"warning: {nothing}: ") and err.count("\n") == 1, err
 
 
+def test_an_empty_folder_a_pattern_matches_is_no_failure(run_dir, image_dir, tmp_path, monkeypatch, capsys):
+    """`photos/**` matches every subfolder: one without images among them is not a failure (the
+    pattern yielded images); a pattern whose folders hold none is reported like one that matches
+    nothing."""
+    import shutil
+
+    from resnet_cli.predict import main
+
+    photos = tmp_path / "photos"
+    (photos / "a").mkdir(parents=True)
+    (photos / "empty").mkdir()
+    shutil.copy(image_dir / "gray_2.png", photos / "a" / "x.png")
+    code, out, err = call_main(main, "resnet-predict", [f"checkpoint={run_dir}", "format=json",
+                                                        f"inputs={photos}/**"], monkeypatch, capsys)
+    assert code == 0 and err == "", err
+    assert [r["file"] for r in json.loads(out)] == [str(photos / "a" / "x.png")]
+    code, out, err = call_main(main, "resnet-predict", [f"checkpoint={run_dir}", "format=json",
+                                                        f"inputs={image_dir / 'gray_2.png'},{photos}/empt*"],
+                               monkeypatch, capsys)
+    assert code == 1 and len(json.loads(out)) == 1, err
+    assert err.startswith(f"warning: {photos}/empt*: matches no image files") and err.count("\n") == 1, err
+
+
 def test_flip_tta_averages_an_image_with_its_mirror_image(run_dir, image_dir, tmp_path, monkeypatch, capsys):
     # As resnet-eval scores: the mean of the two views' probabilities. The tiny run did not flip
     # images, so by default (null: as the run scored) predict takes one view.

@@ -382,6 +382,31 @@ def test_sixteen_bit_images_read_as_their_8_bit_twins_not_clipped(tmp_path):
     assert batches[8][0].std() > 0.2  # a ramp, not a flat white image
 
 
+@pytest.mark.parametrize("mode", ["L", "RGB"])
+def test_a_palette_image_with_transparency_reads_without_warnings(tmp_path, mode):
+    """PIL warns (two lines per file, in every DataLoader worker) when a palette image with
+    transparency is converted directly; read through RGBA it gives the same pixels, quietly."""
+    import warnings
+
+    import numpy as np
+    from PIL import Image
+
+    from resnet_cli.data.images import read_image
+
+    img = Image.new("P", (8, 8))
+    img.putpalette([(i * 37) % 256 for i in range(768)])
+    img.putdata([i % 7 for i in range(64)])
+    img.info["transparency"] = b"\x00" * 3 + b"\xff" * 253
+    img.save(tmp_path / "p.png")
+    with Image.open(tmp_path / "p.png") as direct, warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        expected = np.asarray(direct.convert(mode))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = np.asarray(read_image(tmp_path / "p.png", mode))
+    assert np.array_equal(got, expected) and got.std() > 0
+
+
 def test_an_unreadable_image_stops_the_run_naming_the_file(tmp_path, monkeypatch, capfd):
     """Found mid-epoch (reading every file first would cost a pass over the folder): one line
     naming the file, also from a DataLoader worker, and a run failure (1), not a traceback."""

@@ -25,7 +25,12 @@ def read_image(path: str | os.PathLike, mode: str):
 
     try:
         with Image.open(path) as img:  # the first frame of an animated GIF or multi-page TIFF
-            return _to_8bit(img, _stored_mode(img), path).convert(mode)
+            img = _to_8bit(img, _stored_mode(img), path)
+            if img.mode == "P" and "transparency" in img.info:
+                # Through RGBA, as PIL asks in a two-line warning per file otherwise (in every
+                # DataLoader worker too); the L or RGB pixels are the same either way.
+                img = img.convert("RGBA")
+            return img.convert(mode)
     except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
         # UnidentifiedImageError is an OSError; a mode PIL cannot convert is a ValueError
         raise ImageError(f"{path}: cannot be read as an image ({first_line(e, 160) or type(e).__name__})") from None

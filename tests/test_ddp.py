@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +21,10 @@ TINY = ["data=synthetic", "data.train_size=512", "data.test_size=100", "batch_si
 def torchrun(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     exe = Path(sys.executable).parent / "torchrun"
     cmd = [str(exe), "--standalone", "--nproc_per_node=2", "-m", "resnet_cli.train", *args]
-    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=600)
+    # A rank that dies of a signal (once: SIGABRT at exit after a finished run) prints the Python
+    # stack of each of its threads, so a rare failure says where that rank was.
+    env = {**os.environ, "PYTHONFAULTHANDLER": "1"}
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     if proc.returncode != 0:
         raise AssertionError(f"torchrun exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
     return proc

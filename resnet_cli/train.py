@@ -569,10 +569,10 @@ def _eta_hint(tr: Trainer, run: Running, epoch: int, steps_per_epoch: int, eval_
     if tr.eta_hint_given or run.steps < 5 or run.train_seconds < 3:
         return
     tr.eta_hint_given = True
-    step_s = run.train_seconds / run.steps
-    left = (tr.cfg["epochs"] - epoch + 1) * steps_per_epoch - run.steps
-    evals = (tr.cfg["epochs"] - epoch + 1) * eval_views * EVAL_COST_OF_TRAIN_IMAGE / tr.cfg["batch_size"]
-    eta = (left + evals) * step_s
+    epochs_left = tr.cfg["epochs"] - epoch + 1  # this one included
+    steps_left = epochs_left * steps_per_epoch - run.steps
+    eval_steps = epochs_left * eval_views * EVAL_COST_OF_TRAIN_IMAGE / tr.cfg["batch_size"]
+    eta = (steps_left + eval_steps) * run.train_seconds / run.steps
     if eta > CPU_ETA_HINT_S and tr.cfg["data"]["name"] in ("fashion_mnist", "mnist"):
         log.warning("this run needs about %s more on this CPU; for a recipe made for CPUs (minutes) "
                     "try: resnet-train experiment=cpu", _duration(eta))
